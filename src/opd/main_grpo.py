@@ -1,0 +1,29 @@
+"""python -m opd.main_grpo [platform=cpu] data.train_files=... data.val_files=... actor_rollout_ref.model.path=...
+
+verl's GRPO (its PPO trainer with ``algorithm.adv_estimator=grpo``) with the project's config tree
+(``opd/config/grpo_trainer.yaml``), reward function and backends. Every verl override works as usual.
+"""
+
+from __future__ import annotations
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from opd.data.checks import InputError
+from opd.runtime import exit_on_input_error, prepare
+
+
+@hydra.main(config_path="config", config_name="grpo_trainer", version_base=None)
+def main(config: DictConfig) -> None:
+    try:
+        config = prepare(config, run_dir=HydraConfig.get().runtime.output_dir)
+    except InputError as error:
+        exit_on_input_error(error)
+    from verl.trainer.main_ppo import run_ppo
+
+    run_ppo(config)
+
+
+if __name__ == "__main__":
+    main()

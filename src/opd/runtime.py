@@ -1,0 +1,82 @@
+"""What every verl entry point does before training: check inputs, then fix Ray's settings.
+
+Shared by ``opd.main_grpo`` and the later entry points so that a run is set up one way whatever the
+algorithm. Nothing here imports verl or torch at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from opd.data.checks import InputError, as_list, check_chat_template, check_rl_parquet, resolve_model_dir
+
+
+def check_inputs(config: DictConfig) -> None:
+    model = config.actor_rollout_ref.model
+    model_dir = resolve_model_dir(model.path)
+    with open_dict(config):
+        model.path = model_dir
+    check_chat_template(model_dir)
+    for key in ("train_files", "val_files"):
+        for path in as_list(config.data.get(key)):
+            check_rl_parquet(path, f"data.{key}")
+
+
+def configure_ray(config: DictConfig) -> None:
+    """Explicit Ray address and, on CPU, the settings that let verl place its workers.
+
+    A bare ``ray.init()`` attaches to whatever cluster ``/tmp/ray/ray_current_cluster`` names, possibly
+    another user's: use ``RAY_ADDRESS`` (set by the in-job launcher) or start a private local cluster.
+    """
+    from opd.backends.cpu import SETUP_HOOK, ray_init_overrides
+
+    with open_dict(config):
+        ray_init = config.ray_kwargs.ray_init
+        if not ray_init.get("address"):
+            ray_init.address = os.environ.get("RAY_ADDRESS") or "local"
+        if ray_init.get("runtime_env") is None:
+            ray_init.runtime_env = {}
+        # Registers the `hf` rollout everywhere; applies the CPU adaptation only where CUDA is absent.
+        ray_init.runtime_env.worker_process_setup_hook = SETUP_HOOK
+        if config.trainer.device == "cpu":
+            n_workers = config.trainer.n_gpus_per_node * config.trainer.nnodes
+            cpu = ray_init_overrides(n_workers)
+            if ray_init.address == "local":
+                ray_init.num_gpus = ray_init.get("num_gpus") or cpu["num_gpus"]
+                ray_init.resources = OmegaConf.merge(cpu["resources"], ray_init.get("resources") or {})
+                # verl's placement bundles ask for 3 logical CPUs per worker: logical, not physical cores.
+                ray_init.num_cpus = ray_init.get("num_cpus") or max(8, 3 * n_workers + 4)
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def route_metrics_file(config: DictConfig, run_dir: str) -> None:
+    """verl's ``file`` logger writes where VERL_FILE_LOGGER_PATH says, read in the TaskRunner actor:
+    pass it through Ray's runtime env so every run keeps its metrics in its own run directory."""
+    path = os.environ.get("VERL_FILE_LOGGER_PATH") or os.path.join(run_dir, METRICS_FILE)
+    with open_dict(config):
+        runtime_env = config.ray_kwargs.ray_init.runtime_env
+        if runtime_env.get("env_vars") is None:
+            runtime_env.env_vars = {}
+        runtime_env.env_vars.VERL_FILE_LOGGER_PATH = os.path.abspath(path)
+
+
+def prepare(config: DictConfig, run_dir: str | None = None) -> DictConfig:
+    """Validate and complete a verl config in the driver; raise InputError with a clear message."""
+    check_inputs(config)
+    configure_ray(config)
+    route_metrics_file(config, run_dir or os.getcwd())
+    if config.trainer.device == "cpu":
+        from opd.backends.cpu import setup_worker
+
+        setup_worker()
+    return config
+
+
+def exit_on_input_error(error: InputError) -> None:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)

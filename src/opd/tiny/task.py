@@ -1,0 +1,90 @@
+"""The tiny arithmetic task: 2-digit addition/subtraction word problems in verl's RL parquet format.
+
+Small enough that a ~1M-parameter model learns it on CPU in minutes, hard enough (carries, several phrasings)
+that a smaller, briefly trained model visibly lags behind.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import pandas as pd
+
+DATA_SOURCE = "tiny_arith"
+INSTRUCTION = "Put the final answer in \\boxed{}."
+
+NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Ivy", "Jon", "Kim", "Leo", "Mia", "Noa", "Sam"]
+ITEMS = ["marbles", "apples", "stamps", "coins", "shells", "cards", "books", "stickers"]
+
+ADD_TEMPLATES = [
+    "{name} has {a} {item} and finds {b} more. How many {item} does {name} have now?",
+    "There are {a} {item} in a box. {name} puts in {b} more. How many {item} are in the box now?",
+    "{name} collected {a} {item} on Monday and {b} {item} on Tuesday. How many {item} in total?",
+    "What is {a} plus {b}?",
+]
+SUB_TEMPLATES = [
+    "{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?",
+    "There are {a} {item} in a box. {name} takes out {b}. How many {item} are left in the box?",
+    "{name} had {a} {item} and lost {b} of them. How many {item} does {name} have now?",
+    "What is {a} minus {b}?",
+]
+
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+def response_for(answer: str) -> str:
+    """The target assistant reply: short, because every generated token costs time in CPU rollouts."""
+    return f"The answer is \\boxed{{{answer}}}."
+
+
+def extract_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` in ``text``, stripped, or None when there is none."""
+    found = _BOXED.findall(text)
+    return found[-1].strip() if found else None
+
+
+def all_triples() -> list[tuple[int, int, str]]:
+    """Every (a, b, op) the task can ask: a + b, and a - b with a >= b so that answers are never negative."""
+    adds = [(a, b, "+") for a in range(10, 100) for b in range(10, 100)]
+    subs = [(a, b, "-") for a in range(10, 100) for b in range(10, a + 1)]
+    return adds + subs
+
+
+def make_row(a: int, b: int, op: str, split: str, index: int, rng: random.Random) -> dict:
+    """One verl RL row; the phrasing (template, name, item) is drawn from ``rng``."""
+    template = rng.choice(ADD_TEMPLATES if op == "+" else SUB_TEMPLATES)
+    question = template.format(a=a, b=b, name=rng.choice(NAMES), item=rng.choice(ITEMS))
+    answer = str(a + b if op == "+" else a - b)
+    return {
+        "data_source": DATA_SOURCE,
+        "prompt": [{"role": "user", "content": f"{question} {INSTRUCTION}"}],
+        "ability": "math",
+        "reward_model": {"style": "rule", "ground_truth": answer},
+        "extra_info": {"split": split, "index": index, "answer": answer},
+    }
+
+
+def make_splits(seed: int, n_train: int = 6000, n_val: int = 200) -> dict[str, pd.DataFrame]:
+    """Deterministic train/val frames; val holds (a, b, op) triples that never occur in train."""
+    rng = random.Random(seed)
+    triples = all_triples()
+    rng.shuffle(triples)
+    if n_train + n_val > len(triples):
+        raise ValueError(f"only {len(triples)} distinct problems; asked for {n_train} + {n_val}")
+    chosen = {"val": triples[:n_val], "train": triples[n_val : n_val + n_train]}
+    return {
+        split: pd.DataFrame([make_row(a, b, op, split, i, rng) for i, (a, b, op) in enumerate(rows)])
+        for split, rows in chosen.items()
+    }
+
+
+def write_splits(splits: dict[str, pd.DataFrame], data_dir: Path) -> dict[str, Path]:
+    """Write ``{split}.parquet`` files (no index, so the bytes depend only on the rows)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, frame in splits.items():
+        paths[split] = data_dir / f"{split}.parquet"
+        frame.to_parquet(paths[split], index=False)
+    return paths
