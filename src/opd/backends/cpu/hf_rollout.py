@@ -49,17 +49,23 @@ class _Request:
     future: asyncio.Future
 
 
+def _as_dataclass(config):
+    """verl passes these configs either as dataclasses or as DictConfigs carrying a ``_target_``."""
+    from omegaconf import DictConfig
+
+    from verl.utils.config import omega_conf_to_dataclass
+
+    return omega_conf_to_dataclass(config) if isinstance(config, DictConfig) else config
+
+
 class HFRolloutServer:
     """Token-in/token-out generation for verl's agent loop, with transformers on CPU."""
 
     def __init__(self, config, model_config, replica_rank: int = 0, device: str = "cpu"):
         from transformers import AutoModelForCausalLM
 
-        from verl.utils.config import omega_conf_to_dataclass
-        from verl.workers.config import HFModelConfig, RolloutConfig
-
-        self.config = omega_conf_to_dataclass(config, dataclass_type=RolloutConfig)
-        self.model_config = omega_conf_to_dataclass(model_config, dataclass_type=HFModelConfig)
+        self.config = _as_dataclass(config)
+        self.model_config = _as_dataclass(model_config)
         self.replica_rank = replica_rank
         self.device = torch.device(device)
         model_path = self.model_config.local_path
