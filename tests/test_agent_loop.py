@@ -7,8 +7,8 @@ import json
 
 import pytest
 import yaml
-from conftest import compose_verl_config
 
+from conftest import compose_verl_config
 from opd.agent.calculator import SCHEMA
 from opd.backends.cpu.hf_rollout import HFRolloutServer, register
 
@@ -28,7 +28,9 @@ class ScriptedFirstTurn:
         self.calls += 1
         if self.calls == 1:
             return TokenOutput(token_ids=self.first_turn_ids, log_probs=[0.0] * len(self.first_turn_ids))
-        return await self.server.generate(prompt_ids=prompt_ids, sampling_params=sampling_params, request_id=request_id)
+        return await self.server.generate(
+            prompt_ids=prompt_ids, sampling_params=sampling_params, request_id=request_id
+        )
 
 
 def _run_agent_loop(loop_cls, config, server_manager, question: str):
@@ -43,7 +45,6 @@ def _run_agent_loop(loop_cls, config, server_manager, question: str):
 
 def _agent_loop(loop_cls, config, server_manager):
     from transformers import AutoTokenizer
-
     from verl.experimental.agent_loop.agent_loop import DictConfigWrap
     from verl.utils.dataset.rl_dataset import RLHFDataset
 
@@ -61,8 +62,17 @@ def _agent_loop(loop_cls, config, server_manager):
 def _config(tiny_assets, tmp_path, **multi_turn):
     tool_config = tmp_path / "tools.yaml"
     tool_config.write_text(
-        yaml.safe_dump({"tools": [{"class_name": "opd.agent.calculator.CalculatorTool", "config": {"type": "native"},
-                                   "tool_schema": SCHEMA}]})
+        yaml.safe_dump(
+            {
+                "tools": [
+                    {
+                        "class_name": "opd.agent.calculator.CalculatorTool",
+                        "config": {"type": "native"},
+                        "tool_schema": SCHEMA,
+                    }
+                ]
+            }
+        )
     )
     overrides = [
         "platform=cpu",
@@ -78,7 +88,9 @@ def _config(tiny_assets, tmp_path, **multi_turn):
 
 
 def _server(config):
-    return HFRolloutServer(config=config.actor_rollout_ref.rollout, model_config=config.actor_rollout_ref.model)
+    return HFRolloutServer(
+        config=config.actor_rollout_ref.rollout, model_config=config.actor_rollout_ref.model
+    )
 
 
 GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "logprobs": True}
@@ -95,7 +107,9 @@ def test_tool_agent_loop_masks_tool_tokens_with_scripted_tool_call(tiny_assets, 
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     call = json.dumps({"name": "calculator", "arguments": {"expression": "37 + 48"}})
-    first_turn_ids = tokenizer.encode(f"<tool_call>\n{call}\n</tool_call><|im_end|>", add_special_tokens=False)
+    first_turn_ids = tokenizer.encode(
+        f"<tool_call>\n{call}\n</tool_call><|im_end|>", add_special_tokens=False
+    )
     manager = ScriptedFirstTurn(server, first_turn_ids)
     question = "Ava has 37 marbles and finds 48 more. How many marbles does Ava have now? " + (
         "Put the final answer in \\boxed{}."
@@ -146,7 +160,9 @@ def test_hf_server_batches_concurrent_requests_and_reports_logprobs(tiny_assets,
     sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "logprobs": True, "max_tokens": 8}
 
     async def many():
-        return await asyncio.gather(*[server.generate(prompt_ids=prompt, sampling_params=dict(sampling)) for _ in range(6)])
+        return await asyncio.gather(
+            *[server.generate(prompt_ids=prompt, sampling_params=dict(sampling)) for _ in range(6)]
+        )
 
     outputs = asyncio.run(many())
     for out in outputs:

@@ -11,11 +11,16 @@ import pandas as pd
 
 
 def _main_grpo(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "opd.main_grpo", "platform=cpu", *overrides], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "opd.main_grpo", "platform=cpu", *overrides], capture_output=True, text=True
+    )
 
 
 def _data(tiny_assets):
-    return [f"data.train_files={tiny_assets / 'data' / 'train.parquet'}", f"data.val_files={tiny_assets / 'data' / 'val.parquet'}"]
+    return [
+        f"data.train_files={tiny_assets / 'data' / 'train.parquet'}",
+        f"data.val_files={tiny_assets / 'data' / 'val.parquet'}",
+    ]
 
 
 def _assert_one_clear_error(result: subprocess.CompletedProcess, *must_contain: str) -> str:

@@ -27,7 +27,9 @@ SNAPSHOT = textwrap.dedent(
 
 
 def _run(code: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", SNAPSHOT + textwrap.dedent(code)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", SNAPSHOT + textwrap.dedent(code)], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -70,21 +72,31 @@ def test_adaptation_applies_without_cuda_and_collectives_use_gloo():
     assert result["backend"] == "gloo" and result["workers_backend"] == "gloo"
     assert result["pg_backend"] == "gloo" and result["sum"] == [1.0, 1.0, 1.0]
     assert result["memory_reserved"] == 0 and result["pin_returns_same"]
-    assert set(result["changed"]) >= {"get_nccl_backend", "workers_get_nccl_backend", "init_process_group", "pin_memory"}
+    assert set(result["changed"]) >= {
+        "get_nccl_backend",
+        "workers_get_nccl_backend",
+        "init_process_group",
+        "pin_memory",
+    }
 
 
 def test_hf_rollout_is_registered_by_the_setup_hook():
     out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(
-            """
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                """
             from opd.backends.cpu import setup_worker
             setup_worker()
             from verl.workers.rollout import get_rollout_class
             from verl.workers.rollout.replica import get_rollout_replica_class
             print(get_rollout_class("hf", "async").__name__, get_rollout_replica_class("hf").__name__)
             """
-        )],
-        capture_output=True, text=True,
+            ),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["HFServerAdapter", "HFReplica"]

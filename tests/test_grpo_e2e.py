@@ -15,7 +15,11 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def grpo_run(tiny_assets, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("grpo")
-    code = run_entry("opd.main_grpo", tiny_grpo_overrides(tiny_assets, run_dir, steps=2, save_freq=2), run_dir / "train.log")
+    code = run_entry(
+        "opd.main_grpo",
+        tiny_grpo_overrides(tiny_assets, run_dir, steps=2, save_freq=2),
+        run_dir / "train.log",
+    )
     assert code == 0, (run_dir / "train.log").read_text()[-4000:]
     return run_dir
 
@@ -25,7 +29,13 @@ def test_two_grpo_steps_log_finite_metrics_and_save_a_checkpoint(grpo_run):
     train_steps = {r["step"]: r["data"] for r in records if "actor/pg_loss" in r["data"]}
     assert sorted(train_steps) == [1, 2]
     for step, data in train_steps.items():
-        for key in ("actor/pg_loss", "actor/entropy", "actor/grad_norm", "critic/score/mean", "response_length/mean"):
+        for key in (
+            "actor/pg_loss",
+            "actor/entropy",
+            "actor/grad_norm",
+            "critic/score/mean",
+            "response_length/mean",
+        ):
             assert math.isfinite(data[key]), (step, key, data[key])
         assert data["response_length/mean"] > 0
         assert 0.0 <= data["critic/score/mean"] <= 1.0
@@ -46,9 +56,21 @@ def test_model_merger_converts_the_checkpoint_to_a_loadable_hf_model(grpo_run, t
     actor = grpo_run / "checkpoints" / "global_step_2" / "actor"
     target = tmp_path / "merged"
     subprocess.run(
-        [sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp", "--local_dir", str(actor),
-         "--target_dir", str(target)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "verl.model_merger",
+            "merge",
+            "--backend",
+            "fsdp",
+            "--local_dir",
+            str(actor),
+            "--target_dir",
+            str(target),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     merged = AutoModelForCausalLM.from_pretrained(target, torch_dtype=torch.float32)
     initial = AutoModelForCausalLM.from_pretrained(tiny_assets / "student", torch_dtype=torch.float32)
@@ -64,8 +86,14 @@ def test_model_merger_converts_the_checkpoint_to_a_loadable_hf_model(grpo_run, t
         assert torch.allclose(local.float(), merged_state[name].float()), name
     tokenizer = AutoTokenizer.from_pretrained(target)
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Ava has 12 coins and finds 30 more. How many coins does Ava have now?"}],
-        add_generation_prompt=True, return_tensors="pt",
+        [
+            {
+                "role": "user",
+                "content": "Ava has 12 coins and finds 30 more. How many coins does Ava have now?",
+            }
+        ],
+        add_generation_prompt=True,
+        return_tensors="pt",
     )
     out = merged.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert "boxed" in tokenizer.decode(out[0, prompt.shape[1]:])
+    assert "boxed" in tokenizer.decode(out[0, prompt.shape[1] :])

@@ -20,7 +20,9 @@ from opd.runtime import METRICS_FILE
 VAL_ACCURACY = "val-core/tiny_arith/acc/mean@1"
 
 
-def tiny_grpo_overrides(assets: Path, run_dir: Path, steps: int, save_freq: int = -1, test_freq: int = -1) -> list[str]:
+def tiny_grpo_overrides(
+    assets: Path, run_dir: Path, steps: int, save_freq: int = -1, test_freq: int = -1
+) -> list[str]:
     """verl overrides for a small GRPO run of the tiny student on CPU (one training process)."""
     return [
         "platform=cpu",
@@ -54,7 +56,11 @@ def run_entry(module: str, overrides: list[str], log_path: Path) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", module, *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
+            [sys.executable, "-m", module, *overrides],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
         )
         for line in process.stdout:
             log.write(line)
@@ -71,7 +77,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8, help="GRPO training steps (default 8)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="run directory (default outputs/demo)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/demo"), help="run directory (default outputs/demo)"
+    )
     args = parser.parse_args(argv)
 
     import opd.tiny
@@ -82,11 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.out.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"[demo] assets: {assets}\n[demo] run dir: {run_dir}; GRPO on the tiny student, {args.steps} steps")
-    code = run_entry("opd.main_grpo", tiny_grpo_overrides(assets, run_dir, args.steps, test_freq=args.steps), run_dir / "train.log")
+    code = run_entry(
+        "opd.main_grpo",
+        tiny_grpo_overrides(assets, run_dir, args.steps, test_freq=args.steps),
+        run_dir / "train.log",
+    )
     if code != 0:
         print(f"[demo] training failed (exit {code}); see {run_dir / 'train.log'}", file=sys.stderr)
         return code
-    validations = [(m["step"], m["data"][VAL_ACCURACY]) for m in read_metrics(run_dir) if VAL_ACCURACY in m["data"]]
+    validations = [
+        (m["step"], m["data"][VAL_ACCURACY]) for m in read_metrics(run_dir) if VAL_ACCURACY in m["data"]
+    ]
     (before_step, before), (after_step, after) = validations[0], validations[-1]
     result = {
         "teacher_val_accuracy": accuracy["teacher"]["val_accuracy"],

@@ -53,7 +53,9 @@ class CalculatorTool(BaseTool):
     def __init__(self, config: dict, tool_schema: OpenAIFunctionToolSchema | None = None):
         super().__init__(config, tool_schema or OpenAIFunctionToolSchema.model_validate(SCHEMA))
 
-    async def execute(self, instance_id: str, parameters: dict[str, Any], **kwargs) -> tuple[ToolResponse, float, dict]:
+    async def execute(
+        self, instance_id: str, parameters: dict[str, Any], **kwargs
+    ) -> tuple[ToolResponse, float, dict]:
         expression = str(parameters.get("expression", ""))
         try:
             return ToolResponse(text=str(evaluate(expression))), 0.0, {"ok": 1}

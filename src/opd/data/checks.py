@@ -15,7 +15,9 @@ def _is_remote(path: str) -> bool:
     return "://" in path  # hdfs://, s3://, ...: verl copies these itself
 
 
-def resolve_model_dir(path: str | None, what: str = "model", setting: str = "actor_rollout_ref.model.path") -> str:
+def resolve_model_dir(
+    path: str | None, what: str = "model", setting: str = "actor_rollout_ref.model.path"
+) -> str:
     """Return a local model directory (or a remote URI) for ``path``; raise InputError otherwise."""
     if not path:
         raise InputError(f"no {what} path given: set {setting}=/path/to/hf_model_dir")
@@ -81,7 +83,9 @@ def check_rl_parquet(path: str, setting: str, need_reward_columns: bool = True) 
 
     file = Path(os.path.expanduser(path))
     if not file.is_file():
-        raise InputError(f"data file {path} ({setting}) does not exist: prepare the data first (make data / make tiny)")
+        raise InputError(
+            f"data file {path} ({setting}) does not exist: prepare the data first (make data / make tiny)"
+        )
     try:
         parquet = pq.ParquetFile(file)
     except Exception as error:

@@ -43,7 +43,9 @@ def normalize(answer: str) -> str:
         return answer
 
 
-def compute_score(data_source=None, solution_str: str = "", ground_truth: str = "", extra_info=None, **kwargs):
+def compute_score(
+    data_source=None, solution_str: str = "", ground_truth: str = "", extra_info=None, **kwargs
+):
     """verl reward-function signature; returns ``{"score", "acc", "pred"}``."""
     pred = last_boxed(solution_str)
     correct = pred is not None and normalize(pred) == normalize(str(ground_truth))

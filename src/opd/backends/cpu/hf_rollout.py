@@ -52,7 +52,6 @@ class _Request:
 def _as_dataclass(config):
     """verl passes these configs either as dataclasses or as DictConfigs carrying a ``_target_``."""
     from omegaconf import DictConfig
-
     from verl.utils.config import omega_conf_to_dataclass
 
     return omega_conf_to_dataclass(config) if isinstance(config, DictConfig) else config
@@ -69,7 +68,9 @@ class HFRolloutServer:
         self.replica_rank = replica_rank
         self.device = torch.device(device)
         model_path = self.model_config.local_path
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).to(self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).to(
+            self.device
+        )
         self.model.eval()
         generation_config = self.model.generation_config
         eos = generation_config.eos_token_id if generation_config.eos_token_id is not None else None
@@ -96,9 +97,9 @@ class HFRolloutServer:
                 self.config.response_length,
                 self.config.prompt_length + self.config.response_length - prompt_len,
             )
-        context_left = (self.config.max_model_len or (self.config.prompt_length + self.config.response_length)) - (
-            prompt_len
-        )
+        context_left = (
+            self.config.max_model_len or (self.config.prompt_length + self.config.response_length)
+        ) - (prompt_len)
         return max(0, min(wanted, context_left))
 
     async def generate(
@@ -160,7 +161,9 @@ class HFRolloutServer:
                         request.future.set_result(result)
 
     @torch.no_grad()
-    def generate_batch(self, prompts: list[list[int]], key: SamplingKey) -> list[tuple[list[int], list[float]]]:
+    def generate_batch(
+        self, prompts: list[list[int]], key: SamplingKey
+    ) -> list[tuple[list[int], list[float]]]:
         """Left-padded batched sampling; returns (token_ids ending at EOS inclusive, their log-probs)."""
         if key.max_new_tokens == 0:
             return [([], []) for _ in prompts]
@@ -195,7 +198,9 @@ class HFRolloutServer:
         new_tokens_B_T = out.sequences[:, width:].cpu()
         if key.want_logprobs:
             logits_B_T_V = torch.stack(out.logits, dim=1).float().cpu()
-            logp_B_T = torch.log_softmax(logits_B_T_V, dim=-1).gather(-1, new_tokens_B_T.unsqueeze(-1)).squeeze(-1)
+            logp_B_T = (
+                torch.log_softmax(logits_B_T_V, dim=-1).gather(-1, new_tokens_B_T.unsqueeze(-1)).squeeze(-1)
+            )
         results = []
         for row in range(len(prompts)):
             tokens = new_tokens_B_T[row].tolist()
@@ -220,7 +225,9 @@ class HFRolloutServer:
         state = self.model.state_dict()
         unknown = sorted(set(named_tensors) - set(state))
         if unknown:
-            raise KeyError(f"hf rollout: weights for unknown parameters {unknown[:5]} (model {type(self.model)})")
+            raise KeyError(
+                f"hf rollout: weights for unknown parameters {unknown[:5]} (model {type(self.model)})"
+            )
         with torch.no_grad():
             for name, tensor in named_tensors.items():
                 state[name].copy_(tensor.to(state[name].dtype))
@@ -266,7 +273,6 @@ def server_actor_name(replica_rank: int) -> str:
 def _load_replica_class():
     """Imported lazily: verl's replica module pulls in Ray and the worker stack."""
     import ray
-
     from verl.workers.rollout.replica import RolloutMode, RolloutReplica
 
     class HFReplica(RolloutReplica):
@@ -275,7 +281,9 @@ def _load_replica_class():
         async def launch_servers(self):
             if self.rollout_mode != RolloutMode.HYBRID:
                 raise NotImplementedError("the hf rollout backend supports hybrid (colocated) rollouts only")
-            node_id = await self.workers[0].__ray_call__.remote(lambda worker: ray.get_runtime_context().get_node_id())
+            node_id = await self.workers[0].__ray_call__.remote(
+                lambda worker: ray.get_runtime_context().get_node_id()
+            )
             name = server_actor_name(self.replica_rank)
             server = (
                 ray.remote(HFRolloutServer)

@@ -37,7 +37,6 @@ def adapt_verl_to_cpu() -> bool:
 def _use_gloo_for_collectives() -> None:
     """verl asks for ``cpu:gloo,cpu:nccl`` ("Duplicate device type cpu"); on CPU only gloo exists."""
     import torch.distributed as dist
-
     import verl.utils.device as verl_device
 
     original_get_backend = verl_device.get_nccl_backend
