@@ -10,7 +10,7 @@ import yaml
 
 from conftest import compose_verl_config
 from opd.agent.calculator import SCHEMA
-from opd.backends.cpu.hf_rollout import HFRolloutServer, register
+from opd.backends.cpu.hf_rollout import HFRolloutServer, SamplingKey, register
 
 
 class ScriptedFirstTurn:
@@ -77,7 +77,7 @@ def _config(tiny_assets, tmp_path, **multi_turn):
     overrides = [
         "platform=cpu",
         f"actor_rollout_ref.model.path={tiny_assets / 'teacher'}",
-        "actor_rollout_ref.rollout.prompt_length=128",
+        "actor_rollout_ref.rollout.prompt_length=512",
         "actor_rollout_ref.rollout.response_length=96",
         "actor_rollout_ref.rollout.multi_turn.enable=true",
         "actor_rollout_ref.rollout.multi_turn.format=hermes",
@@ -128,7 +128,10 @@ def test_tool_agent_loop_masks_tool_tokens_with_scripted_tool_call(tiny_assets, 
     assert "<tool_response>" in tool_text and "85" in tool_text
     second_turn = output.response_ids[tool_span_end:]
     assert set(mask[tool_span_end:]) == {1} and len(second_turn) > 0
-    assert second_turn[-1] == tokenizer.eos_token_id  # the real model stopped at EOS
+    # turn 2 is the real model's greedy continuation of exactly the context the loop built
+    key = SamplingKey(0.0, 1.0, -1, 1.0, max_new_tokens=len(second_turn), want_logprobs=False)
+    context = output.prompt_ids + output.response_ids[:tool_span_end]
+    assert server.generate_batch([context], key)[0][0] == second_turn
     assert manager.calls == 2
     assert output.num_turns == 4  # user + 2 assistant turns + 1 tool response (verl counts it as a user turn)
     assert output.response_logprobs is not None and len(output.response_logprobs) == len(mask)

@@ -111,11 +111,15 @@ def main(argv: list[str] | None = None) -> int:
         "algorithm": "grpo",
     }
     (run_dir / "demo_result.json").write_text(json.dumps(result, indent=2))
-    print("\n| model                       | held-out accuracy |")
-    print("|-----------------------------|-------------------|")
-    print(f"| teacher                     | {result['teacher_val_accuracy']:17.3f} |")
-    print(f"| student before (step {before_step:>3})    | {before:17.3f} |")
-    print(f"| student after GRPO (step {after_step:>3})| {after:17.3f} |")
+    rows = [
+        ("teacher", result["teacher_val_accuracy"]),
+        (f"student before (step {before_step})", before),
+        (f"student after GRPO (step {after_step})", after),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print(f"\n| {'model':<{width}} | held-out accuracy |\n|{'-' * (width + 2)}|-------------------|")
+    for name, value in rows:
+        print(f"| {name:<{width}} | {value:17.3f} |")
     print(f"\n[demo] {result['seconds']} s; results in {run_dir / 'demo_result.json'}")
     return 0
 

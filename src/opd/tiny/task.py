@@ -1,7 +1,8 @@
-"""The tiny arithmetic task: 2-digit addition/subtraction word problems in verl's RL parquet format.
+"""The tiny arithmetic task: 2-digit addition word problems in verl's RL parquet format.
 
-Small enough that a ~1M-parameter model learns it on CPU in minutes, hard enough (carries, several phrasings)
-that a smaller, briefly trained model visibly lags behind.
+Small enough that a ~0.5M-parameter model learns it on CPU in a couple of minutes, hard enough (carries, several
+phrasings) that a smaller, briefly trained model visibly lags behind. Subtraction is left out on purpose: mixing
+in a second operation doubled the steps a tiny model needs, which the CPU time budget cannot afford.
 """
 
 from __future__ import annotations
@@ -18,17 +19,12 @@ INSTRUCTION = "Put the final answer in \\boxed{}."
 NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Ivy", "Jon", "Kim", "Leo", "Mia", "Noa", "Sam"]
 ITEMS = ["marbles", "apples", "stamps", "coins", "shells", "cards", "books", "stickers"]
 
-ADD_TEMPLATES = [
+TEMPLATES = [
     "{name} has {a} {item} and finds {b} more. How many {item} does {name} have now?",
     "There are {a} {item} in a box. {name} puts in {b} more. How many {item} are in the box now?",
     "{name} collected {a} {item} on Monday and {b} {item} on Tuesday. How many {item} in total?",
+    "{name} buys {a} {item}, then gets {b} {item} as a gift. How many {item} does {name} have?",
     "What is {a} plus {b}?",
-]
-SUB_TEMPLATES = [
-    "{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?",
-    "There are {a} {item} in a box. {name} takes out {b}. How many {item} are left in the box?",
-    "{name} had {a} {item} and lost {b} of them. How many {item} does {name} have now?",
-    "What is {a} minus {b}?",
 ]
 
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
@@ -46,17 +42,16 @@ def extract_boxed(text: str) -> str | None:
 
 
 def all_triples() -> list[tuple[int, int, str]]:
-    """Every (a, b, op) the task can ask: a + b, and a - b with a >= b so that answers are never negative."""
-    adds = [(a, b, "+") for a in range(10, 100) for b in range(10, 100)]
-    subs = [(a, b, "-") for a in range(10, 100) for b in range(10, a + 1)]
-    return adds + subs
+    """Every (a, b, op) the task can ask: a + b for 2-digit a and b."""
+    return [(a, b, "+") for a in range(10, 100) for b in range(10, 100)]
 
 
 def make_row(a: int, b: int, op: str, split: str, index: int, rng: random.Random) -> dict:
     """One verl RL row; the phrasing (template, name, item) is drawn from ``rng``."""
-    template = rng.choice(ADD_TEMPLATES if op == "+" else SUB_TEMPLATES)
-    question = template.format(a=a, b=b, name=rng.choice(NAMES), item=rng.choice(ITEMS))
-    answer = str(a + b if op == "+" else a - b)
+    if op != "+":
+        raise ValueError(f"unsupported operation {op!r}")
+    question = rng.choice(TEMPLATES).format(a=a, b=b, name=rng.choice(NAMES), item=rng.choice(ITEMS))
+    answer = str(a + b)
     return {
         "data_source": DATA_SOURCE,
         "prompt": [{"role": "user", "content": f"{question} {INSTRUCTION}"}],
@@ -66,7 +61,7 @@ def make_row(a: int, b: int, op: str, split: str, index: int, rng: random.Random
     }
 
 
-def make_splits(seed: int, n_train: int = 6000, n_val: int = 200) -> dict[str, pd.DataFrame]:
+def make_splits(seed: int, n_train: int = 7000, n_val: int = 200) -> dict[str, pd.DataFrame]:
     """Deterministic train/val frames; val holds (a, b, op) triples that never occur in train."""
     rng = random.Random(seed)
     triples = all_triples()
@@ -88,3 +83,10 @@ def write_splits(splits: dict[str, pd.DataFrame], data_dir: Path) -> dict[str, P
         paths[split] = data_dir / f"{split}.parquet"
         frame.to_parquet(paths[split], index=False)
     return paths
+
+
+def read_split(data_dir: Path, split: str) -> tuple[list[list[dict]], list[str]]:
+    """Chat prompts and ground-truth answers of a written split."""
+    frame = pd.read_parquet(data_dir / f"{split}.parquet")
+    prompts = [[dict(message) for message in prompt] for prompt in frame["prompt"]]
+    return prompts, [reward["ground_truth"] for reward in frame["reward_model"]]

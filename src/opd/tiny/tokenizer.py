@@ -72,14 +72,6 @@ inside <tool_call></tool_call> tags.<|im_end|>\\n' -}}
 {%- endif -%}
 """
 
-# Text that the template and tool-use turns produce besides the task itself, so it gets compact tokens too.
-EXTRA_CORPUS = [
-    "system\n",
-    "You can use these tools, described as JSON inside <tools></tools>:",
-    'To call a tool, write a JSON object with its "name" and "arguments" inside tags.',
-    '{"name": "calculator", "arguments": {"expression": "12 + 34"}}',
-]
-
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Train byte-level BPE on ``texts`` and wrap it for transformers (pad, eos, chat template set)."""
@@ -94,7 +86,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator([*texts, *EXTRA_CORPUS], trainer=trainer)
+    backend.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD_TOKEN,
@@ -103,4 +95,5 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
         model_input_names=["input_ids", "attention_mask"],
         chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
+        model_max_length=512,
     )

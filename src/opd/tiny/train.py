@@ -4,45 +4,17 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from opd.tiny.task import extract_boxed, response_for
+from opd.tiny.recipe import ModelSpec, SFTRecipe
+from opd.tiny.task import extract_boxed, read_split, response_for
 
 IGNORE_INDEX = -100
 MAX_NEW_TOKENS = 16
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Size of a tiny Qwen2; head_dim = hidden_size / num_heads."""
-
-    hidden_size: int
-    num_layers: int
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 0  # 0 means 4 * hidden_size
-
-
-@dataclass(frozen=True)
-class SFTRecipe:
-    """Optimisation settings, and the val-accuracy band at which training stops.
-
-    Training evaluates every ``eval_every`` steps and stops at the first evaluation whose accuracy lies in
-    ``stop_band`` with a near-perfect answer format. Overshooting the band (the student learnt faster than
-    expected) rolls back to the last evaluation below it, so the student stays weak.
-    """
-
-    lr: float
-    batch_size: int
-    max_steps: int
-    warmup_steps: int
-    eval_every: int
-    stop_band: tuple[float, float]
-    min_format_rate: float = 0.95
-    weight_decay: float = 0.0
 
 
 def make_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen2ForCausalLM:
@@ -50,7 +22,7 @@ def make_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, seed: int) -
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size or 4 * spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads,
@@ -60,7 +32,7 @@ def make_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, seed: int) -
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         use_sliding_window=False,
-        torch_dtype="float32",
+        dtype="float32",
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
@@ -86,7 +58,10 @@ def sft_tensors(
 ) -> dict[str, torch.Tensor]:
     """Right-padded input_ids/attention_mask/labels; the loss covers the response and its closing eos."""
     responses = tokenizer([response_for(a) for a in answers], add_special_tokens=False)["input_ids"]
-    rows = [(p, r + [tokenizer.eos_token_id]) for p, r in zip(prompt_ids(tokenizer, prompts), responses)]
+    rows = [
+        (p, r + [tokenizer.eos_token_id])
+        for p, r in zip(prompt_ids(tokenizer, prompts), responses, strict=True)
+    ]
     length = max(len(p) + len(r) for p, r in rows)
     input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
@@ -101,7 +76,10 @@ def sft_tensors(
 
 @torch.no_grad()
 def generate_greedy(
-    model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: list[list[dict]], batch_size: int = 256
+    model: Qwen2ForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    prompts: list[list[dict]],
+    batch_size: int = 256,
 ) -> list[str]:
     """Greedy completions (left-padded batches, stop at eos), decoded without special tokens."""
     was_training = model.training
@@ -114,14 +92,14 @@ def generate_greedy(
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in chunk])
         attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk])
         out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
+            input_ids=input_ids.to(model.device),
+            attention_mask=attention_mask.to(model.device),
             max_new_tokens=MAX_NEW_TOKENS,
             do_sample=False,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-        for row in out[:, width:].tolist():
+        for row in out[:, width:].cpu().tolist():
             ended = tokenizer.eos_token_id in row
             row = row[: row.index(tokenizer.eos_token_id)] if ended else row
             texts.append((tokenizer.decode(row, skip_special_tokens=True), ended))
@@ -136,7 +114,7 @@ def evaluate(
     completions = generate_greedy(model, tokenizer, prompts)
     boxed = [extract_boxed(text) if ended else None for text, ended in completions]
     return {
-        "val_accuracy": sum(b == a for b, a in zip(boxed, answers)) / len(answers),
+        "val_accuracy": sum(b == a for b, a in zip(boxed, answers, strict=True)) / len(answers),
         "format_rate": sum(b is not None for b in boxed) / len(answers),
     }
 
@@ -161,9 +139,7 @@ def sft(
 ) -> dict:
     """Train until val accuracy lands in ``recipe.stop_band``; returns the final evaluation and step count."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.0)
     low, high = recipe.stop_band
     n_rows = train["input_ids"].shape[0]
     order = torch.randperm(n_rows, generator=generator)
@@ -173,7 +149,7 @@ def sft(
     for step in range(1, recipe.max_steps + 1):
         if cursor + recipe.batch_size > n_rows:
             order, cursor = torch.randperm(n_rows, generator=generator), 0
-        batch = {k: v[order[cursor : cursor + recipe.batch_size]] for k, v in train.items()}
+        batch = {k: v[order[cursor : cursor + recipe.batch_size]].to(model.device) for k, v in train.items()}
         cursor += recipe.batch_size
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step - 1, recipe)
@@ -205,3 +181,22 @@ def sft(
             break
     model.eval()
     return {**result, "train_seconds": round(time.perf_counter() - started, 1)}
+
+
+def train_and_save(role: str, build_dir: str, spec: ModelSpec, recipe: SFTRecipe, seed: int) -> dict:
+    """Worker (one process per model): SFT a fresh model on the written train split, save it next to the
+    tokenizer already in ``build_dir/role``, and return its metrics.
+
+    Each worker uses a single thread: two single-threaded processes use both cores without the
+    oversubscription stalls that multi-threaded torch suffers when other jobs share the CPU.
+    """
+    torch.set_num_threads(1)
+    root = Path(build_dir)
+    tokenizer = AutoTokenizer.from_pretrained(root / role)
+    train_prompts, train_answers = read_split(root / "data", "train")
+    val_prompts, val_answers = read_split(root / "data", "val")
+    model = make_model(spec, tokenizer, seed)
+    train = sft_tensors(tokenizer, train_prompts, train_answers)
+    metrics = sft(model, tokenizer, train, val_prompts, val_answers, recipe, seed, role)
+    model.save_pretrained(root / role)
+    return {**metrics, "params": count_params(model), **asdict(spec)}
