@@ -9,7 +9,7 @@ STAMP := $(VENV)/.opd-setup-done
 # set OPD_TINY_DIR to keep them elsewhere.
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-fast lint format tiny demo clean
+.PHONY: help setup test test-fast lint format tiny demo bench-loss clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ tiny: setup ## build (or reuse) the tiny tokenizer, teacher, student and data; p
 
 demo: setup ## the embedded default: tiny assets + a short experiment through verl on CPU, before/after table
 	$(PY) -m opd.demo
+
+bench-loss: setup ## OPD loss vs the seed's pattern at V=151,936: time, peak memory, error (a benchmark, not a test)
+	$(PY) -m opd.bench.loss --out outputs/bench/loss.json
 
 clean: ## remove caches and local outputs (keeps .venv and the tiny-asset cache)
 	rm -rf .pytest_cache .ruff_cache outputs runs

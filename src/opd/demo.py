@@ -20,10 +20,25 @@ from opd.runtime import METRICS_FILE
 VAL_ACCURACY = "val-core/tiny_arith/acc/mean@1"
 
 
-def tiny_grpo_overrides(
-    assets: Path, run_dir: Path, steps: int, save_freq: int = -1, test_freq: int = -1
-) -> list[str]:
+def tiny_grpo_overrides(assets: Path, run_dir: Path, steps: int, save_freq: int = -1, test_freq: int = -1):
     """verl overrides for a small GRPO run of the tiny student on CPU (one training process)."""
+    return [
+        *tiny_run_overrides(assets, run_dir, steps, save_freq, test_freq),
+        "trainer.experiment_name=tiny_grpo",
+    ]
+
+
+def tiny_opd_overrides(assets: Path, run_dir: Path, steps: int, save_freq: int = -1, test_freq: int = -1):
+    """verl + opd overrides for a small OPD run (student distilled from the tiny teacher) on CPU."""
+    return [
+        *tiny_run_overrides(assets, run_dir, steps, save_freq, test_freq),
+        f"opd.teacher_path={assets / 'teacher'}",
+        "trainer.experiment_name=tiny_opd",
+    ]
+
+
+def tiny_run_overrides(assets: Path, run_dir: Path, steps: int, save_freq: int, test_freq: int) -> list[str]:
+    """Sizes, data and student shared by every tiny CPU run."""
     return [
         "platform=cpu",
         f"data.train_files={assets / 'data' / 'train.parquet'}",
@@ -36,7 +51,7 @@ def tiny_grpo_overrides(
         "actor_rollout_ref.rollout.n=4",
         "actor_rollout_ref.rollout.temperature=1.0",
         "actor_rollout_ref.actor.ppo_mini_batch_size=8",
-        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=32",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",  # divides the mini-batch for any rollout.n
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=32",
         "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=32",
         "actor_rollout_ref.actor.optim.lr=1e-4",
@@ -45,7 +60,6 @@ def tiny_grpo_overrides(
         f"trainer.save_freq={save_freq}",
         f"trainer.test_freq={test_freq}",
         "trainer.val_before_train=true",
-        "trainer.experiment_name=tiny_grpo",
         f"trainer.default_local_dir={run_dir / 'checkpoints'}",
         f"hydra.run.dir={run_dir}",
     ]
@@ -54,6 +68,7 @@ def tiny_grpo_overrides(
 def run_entry(module: str, overrides: list[str], log_path: Path) -> int:
     """Run an entry point in a fresh process (its own Ray cluster), teeing output to ``log_path``."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", module, *overrides],

@@ -1,0 +1,88 @@
+"""OPD on verl's PPO trainer loop: verl's ``fit()`` keeps rollouts (``rollout.n`` per prompt), rewards,
+validation (mean@k / pass@k per data source), checkpoints, ``resume_mode=auto``, logging and the
+progress bar; only the actor update is replaced by the two-phase distillation step, and the teacher
+lives in the same worker as the student (verl's ``actor_rollout_ref`` role, ref = teacher).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from omegaconf import OmegaConf
+from verl import DataProto
+from verl.trainer import main_ppo
+from verl.trainer.ppo.ray_trainer import RayPPOTrainer, Role
+
+from opd.distill.weights import reward_weights
+
+
+def tool_mask_metrics(batch: DataProto) -> dict[str, float]:
+    """The seed's multi-turn diagnostics: how many response tokens are the model's vs. tool output."""
+    tensors = batch.batch
+    response_len = tensors["responses"].shape[1]
+    valid_B_R = tensors["attention_mask"][:, -response_len:].bool()
+    llm_B_R = tensors["response_mask"].bool() & valid_B_R
+    llm, total = int(llm_B_R.sum()), int(valid_B_R.sum())
+    return {
+        "tool_mask/has_agent_mask": float(bool((valid_B_R & ~llm_B_R).any())),
+        "tool_mask/llm_tokens": float(llm),
+        "tool_mask/tool_tokens": float(total - llm),
+        "tool_mask/tool_ratio": (total - llm) / max(total, 1),
+    }
+
+
+class OPDTrainer(RayPPOTrainer):
+    """verl's trainer with the actor update replaced by ``update_actor_opd`` on the worker group."""
+
+    def _compute_old_log_prob(self, batch: DataProto):
+        """OPD has no importance ratio: skip verl's extra student forward; keep the keys fit() expects."""
+        response_mask = batch.batch["response_mask"]
+        zeros = torch.zeros_like(response_mask, dtype=torch.float32)
+        return DataProto.from_dict(tensors={"old_log_probs": zeros, "entropys": zeros}), 0.0
+
+    def _update_actor(self, batch: DataProto) -> DataProto:
+        opd = OmegaConf.to_container(self.config.opd, resolve=True)
+        rewards_B = batch.batch["token_level_scores"].sum(-1)
+        weights_B = reward_weights(rewards_B, opd["reward_beta"])
+        batch.batch["sample_weight"] = weights_B
+        batch.meta_info["opd"] = opd
+        output = self.actor_rollout_wg.update_actor_opd(batch)
+        metrics = output.meta_info["metrics"]
+        metrics.update(tool_mask_metrics(batch))
+        metrics["opd/reward_weight_min"] = float(weights_B.min())
+        metrics["opd/reward_weight_max"] = float(weights_B.max())
+        return output
+
+
+class OPDTaskRunner(main_ppo.TaskRunner):
+    """verl's TaskRunner with the OPD worker in the ``actor_rollout_ref`` role and ``OPDTrainer``."""
+
+    def add_actor_rollout_worker(self, config):
+        import ray
+        from verl.single_controller.ray import RayWorkerGroup
+
+        from opd.distill.worker import OPDActorRolloutRefWorker
+
+        self.role_worker_mapping[Role.ActorRolloutRef] = ray.remote(OPDActorRolloutRefWorker)
+        self.mapping[Role.ActorRolloutRef] = "global_pool"
+        return OPDActorRolloutRefWorker, RayWorkerGroup
+
+    def add_ref_policy_worker(self, config, ref_policy_cls):
+        """The teacher is the ref model inside the actor worker: no separate ref worker group."""
+
+    def run(self, config):
+        with _trainer_class(OPDTrainer):
+            return super().run(config)
+
+
+@contextmanager
+def _trainer_class(cls):
+    """verl's TaskRunner.run builds ``RayPPOTrainer`` by its module-level name; swap it for this process
+    (a dedicated Ray actor) rather than copying verl's 100-line setup."""
+    original = main_ppo.RayPPOTrainer
+    main_ppo.RayPPOTrainer = cls
+    try:
+        yield
+    finally:
+        main_ppo.RayPPOTrainer = original

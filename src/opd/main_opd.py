@@ -1,0 +1,78 @@
+"""TEACHER_MODEL_PATH=/path/to/teacher python -m opd.main_opd [platform=cpu] data.train_files=... actor_rollout_ref.model.path=...
+
+On-policy distillation: the student (``actor_rollout_ref.model.path``) generates ``rollout.n`` responses
+per prompt; the teacher (``TEACHER_MODEL_PATH`` or ``opd.teacher_path``) scores the same tokens; the
+student minimises ``opd.loss_type`` over its own model-generated tokens (tool tokens masked) in the
+two-phase worker (``opd.distill.worker``). Options: ``src/opd/config/opd_trainer.yaml``.
+"""
+
+from __future__ import annotations
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from opd.data.checks import InputError, resolve_model_dir
+from opd.runtime import exit_on_input_error, prepare
+
+
+def check_teacher(config: DictConfig) -> None:
+    """Teacher present, same tokenizer as the student, a supported loss/signal pair; fills opd.vocab_size."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from opd.distill.losses import SUPPORTED, aligned_vocab_size
+
+    opd = config.opd
+    if not opd.teacher_path:
+        raise InputError(
+            "no teacher: export TEACHER_MODEL_PATH=/path/to/teacher_model (or pass opd.teacher_path=...)"
+        )
+    teacher = resolve_model_dir(opd.teacher_path, "teacher", "TEACHER_MODEL_PATH / opd.teacher_path")
+    student = config.actor_rollout_ref.model.path
+    if opd.teacher_signal not in SUPPORTED:
+        raise InputError(f"opd.teacher_signal={opd.teacher_signal}: choose one of {sorted(SUPPORTED)}")
+    if opd.loss_type not in SUPPORTED[opd.teacher_signal]:
+        modes = [m for m, kinds in SUPPORTED.items() if opd.loss_type in kinds]
+        raise InputError(
+            f"opd.loss_type={opd.loss_type} is not supported with opd.teacher_signal={opd.teacher_signal} "
+            f"(it supports {list(SUPPORTED[opd.teacher_signal])}); use teacher_signal in {modes}"
+        )
+    student_tokenizer = AutoTokenizer.from_pretrained(student)
+    teacher_tokenizer = AutoTokenizer.from_pretrained(teacher)
+    if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise InputError(
+            f"the teacher's tokenizer ({teacher}) differs from the student's ({student}): token-level "
+            "distillation needs one shared tokenizer; pick a teacher from the same model family"
+        )
+    student_width = AutoConfig.from_pretrained(student).vocab_size
+    teacher_width = AutoConfig.from_pretrained(teacher).vocab_size
+    try:
+        vocab_size = aligned_vocab_size(student_width, teacher_width, len(student_tokenizer))
+    except ValueError as error:
+        raise InputError(str(error)) from error
+    with open_dict(config):
+        opd.teacher_path = teacher
+        opd.vocab_size = vocab_size
+        ref = config.actor_rollout_ref.ref
+        if ref.get("model") is None:
+            ref.model = {}
+        ref.model.path = teacher
+
+
+@hydra.main(config_path="config", config_name="opd_trainer", version_base=None)
+def main(config: DictConfig) -> None:
+    try:
+        config = prepare(config, run_dir=HydraConfig.get().runtime.output_dir)
+        check_teacher(config)
+    except InputError as error:
+        exit_on_input_error(error)
+    import ray
+    from verl.trainer.main_ppo import run_ppo
+
+    from opd.distill.trainer import OPDTaskRunner
+
+    run_ppo(config, task_runner_class=ray.remote(num_cpus=1)(OPDTaskRunner))
+
+
+if __name__ == "__main__":
+    main()
