@@ -12,6 +12,7 @@ from opd.distill import (
     DIVERGENCES,
     TeacherSignal,
     aligned_vocab_size,
+    losses,
     reduce_divergence,
     token_divergence,
 )
@@ -29,6 +30,24 @@ def _rel_errors(loss, grad, loss64, grad64) -> tuple[float, float]:
         default=0.0,
     )
     return loss_err, diff / float(grad64.abs().max())
+
+
+def _assert_accurate(errors, seed_errors=None) -> None:
+    """Within tolerance of fp64, and (given the seed's errors) not worse than the seed's pattern; a
+    non-finite seed result (e.g. NaN from -inf logits) counts as infinitely wrong."""
+    loss_err, grad_err = errors
+    assert loss_err <= LOSS_TOL and grad_err <= GRAD_TOL, errors
+    if seed_errors is not None:
+        for ours, seed in zip(errors, seed_errors, strict=True):
+            assert ours <= max(seed if math.isfinite(seed) else math.inf, FP32_NOISE), (errors, seed_errors)
+
+
+def _seed(student, teacher, kind, weight64, **kwargs):
+    """The seed's pattern on the same inputs: loss sum(w * div) with normalised weights, and its gradient."""
+    z = student.clone().requires_grad_()
+    loss = (seed_style_divergence(z, teacher, kind, chunk_size=32, **kwargs) * weight64.float()).sum()
+    loss.backward()  # (the seed's math is per row: its chunk size does not change the numbers)
+    return loss.detach(), z.grad
 
 
 def _ours(student, signal, kind, mask=None, weight=None, **kwargs):
@@ -55,19 +74,11 @@ def full_vocab_inputs():
 @pytest.mark.parametrize("kind", DIVERGENCES)
 def test_full_vocab_matches_fp64_and_is_not_worse_than_the_seed(full_vocab_inputs, kind):
     student, teacher = full_vocab_inputs
+    w64 = _normalized_weights(len(student))
     loss, grad, _, entropy = _ours(student, TeacherSignal.from_logits(teacher, dtype=torch.float32), kind)
-    div64, grad64 = exact_divergence(student, teacher, kind, weight_N=_normalized_weights(len(student)))
-    loss64 = div64.mean()
-    loss_err, grad_err = _rel_errors(loss, grad, loss64, grad64)
-    assert loss_err <= LOSS_TOL and grad_err <= GRAD_TOL, (loss_err, grad_err)
-
-    z = student.clone().requires_grad_()
-    seed_loss = seed_style_divergence(z, teacher, kind, chunk_size=32).mean()  # per-row math: any chunk size
-    seed_loss.backward()
-    seed_loss_err, seed_grad_err = _rel_errors(seed_loss.detach(), z.grad, loss64, grad64)
-    assert loss_err <= max(seed_loss_err, FP32_NOISE), (loss_err, seed_loss_err)
-    assert grad_err <= max(seed_grad_err, FP32_NOISE), (grad_err, seed_grad_err)
-
+    div64, grad64 = exact_divergence(student, teacher, kind, weight_N=w64)
+    seed = _rel_errors(*_seed(student, teacher, kind, w64), div64.mean(), grad64)
+    _assert_accurate(_rel_errors(loss, grad, div64.mean(), grad64), seed)
     s64 = torch.log_softmax(student[:8].double(), -1)
     torch.testing.assert_close(entropy[:8].double(), -(s64.exp() * s64).sum(-1), rtol=1e-5, atol=1e-5)
 
@@ -79,13 +90,15 @@ def test_masks_and_per_token_weights(kind):
     mask = torch.rand(48, generator=gen) < 0.7
     mask[:10] = False  # a fully masked run, then isolated masked tokens
     weight = torch.rand(48, generator=gen) * 3
+    finite_student = student.clone()
     student[~mask] = float("nan")  # masked rows are never read into the loss
     signal = TeacherSignal.from_logits(teacher, dtype=torch.float32)
     loss, grad, div, entropy = _ours(student, signal, kind, mask, weight, beta=0.3)
     w64 = _normalized_weights(48, mask, weight)
-    div64, grad64 = exact_divergence(student.nan_to_num(), teacher, kind, beta=0.3, weight_N=w64)
-    loss_err, grad_err = _rel_errors(loss, grad, (w64 * div64).sum(), grad64)
-    assert loss_err <= LOSS_TOL and grad_err <= GRAD_TOL, (loss_err, grad_err)
+    div64, grad64 = exact_divergence(finite_student, teacher, kind, beta=0.3, weight_N=w64)
+    loss64 = (w64 * div64).sum()
+    seed = _rel_errors(*_seed(finite_student, teacher, kind, w64, beta=0.3), loss64, grad64)
+    _assert_accurate(_rel_errors(loss, grad, loss64, grad64), seed)
     assert (div[~mask] == 0).all() and (entropy[~mask] == 0).all() and (grad[~mask] == 0).all()
 
 
@@ -99,9 +112,10 @@ def test_neg_inf_logits_follow_zero_log_zero(kind):
         teacher[:, 200:300] = float("-inf")  # teacher has no mass there: forward KL and JSD stay finite
     loss, grad, div, entropy = _ours(student, TeacherSignal.from_logits(teacher, dtype=torch.float32), kind)
     assert torch.isfinite(div).all() and torch.isfinite(entropy).all() and torch.isfinite(grad).all()
-    div64, grad64 = exact_divergence(student, teacher, kind, weight_N=_normalized_weights(24))
-    loss_err, grad_err = _rel_errors(loss, grad, div64.mean(), grad64)
-    assert loss_err <= LOSS_TOL and grad_err <= GRAD_TOL, (loss_err, grad_err)
+    w64 = _normalized_weights(24)
+    div64, grad64 = exact_divergence(student, teacher, kind, weight_N=w64)
+    seed = _rel_errors(*_seed(student, teacher, kind, w64), div64.mean(), grad64)  # NaN there: 0 * log 0
+    _assert_accurate(_rel_errors(loss, grad, div64.mean(), grad64), seed)
     assert (grad[:, :100] == 0).all()
 
 
@@ -123,11 +137,10 @@ def test_vocab_width_mismatch_compares_the_tokenizer_columns(kind):
         token_divergence(student, signal, kind)
     size = aligned_vocab_size(student_width, teacher_width, vocab)
     loss, grad, _, _ = _ours(student, signal, kind, vocab_size=size)
-    div64, grad64 = exact_divergence(
-        student, teacher, kind, weight_N=_normalized_weights(16), vocab_size=size
-    )
-    loss_err, grad_err = _rel_errors(loss, grad, div64.mean(), grad64)
-    assert loss_err <= LOSS_TOL and grad_err <= GRAD_TOL, (loss_err, grad_err)
+    w64 = _normalized_weights(16)
+    div64, grad64 = exact_divergence(student, teacher, kind, weight_N=w64, vocab_size=size)
+    seed = _rel_errors(*_seed(student, teacher, kind, w64, vocab_size=size), div64.mean(), grad64)
+    _assert_accurate(_rel_errors(loss, grad, div64.mean(), grad64), seed)
     assert grad.shape == student.shape and (grad[:, vocab:] == 0).all()
 
 
@@ -255,22 +268,46 @@ def test_sampled_gradient_in_fp64_is_exactly_reinforce():
     torch.testing.assert_close(grad, torch.autograd.grad(surrogate, student)[0], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", DIVERGENCES)
 @pytest.mark.parametrize("mode", ["logits", "topk"])
-def test_results_do_not_depend_on_chunk_size_or_threads(mode):
+def test_results_do_not_depend_on_chunk_size_rows_at_once_or_threads(mode, kind, monkeypatch):
+    """Chunk sizes, worker threads, and several rows per step (the path other devices take)."""
     student, teacher = make_inputs(37, 5000, seed=12)
     signal = TeacherSignal.from_logits(teacher, mode, k=16, dtype=torch.float32)
     mask = torch.arange(37) % 5 != 0
     results = []
     threads = torch.get_num_threads()
     try:
-        for chunk_size, n_threads in ((1, threads), (3, threads), (1024, threads), (1024, 1)):
+        for chunk_size, n_threads, rows_at_once in (
+            (1, threads, 1),
+            (3, threads, 1),
+            (1024, 1, 1),
+            (3, 1, 8),
+            (1024, 1, 8),
+        ):
             torch.set_num_threads(n_threads)
-            results.append(_ours(student, signal, "jsd", mask, chunk_size=chunk_size))
+            monkeypatch.setattr(losses, "_CPU_ROWS", rows_at_once)
+            results.append(_ours(student, signal, kind, mask, chunk_size=chunk_size))
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_bf16_logits_use_fp32_math_and_give_a_bf16_gradient(monkeypatch):
+    student, teacher = make_inputs(12, V_FULL, seed=17)
+    student, teacher = student.bfloat16(), teacher.bfloat16()  # the default teacher storage, too
+    signal = TeacherSignal.from_logits(teacher)
+    for kind in DIVERGENCES:
+        div64, grad64 = exact_divergence(student, teacher, kind, weight_N=_normalized_weights(12))
+        for rows_at_once in (1, 8):  # one row at a time (CPU), several (other devices): converted buffers
+            monkeypatch.setattr(losses, "_CPU_ROWS", rows_at_once)
+            loss, grad, _, _ = _ours(student, signal, kind)
+            assert grad.dtype == torch.bfloat16
+            loss_err, grad_err = _rel_errors(loss, grad, div64.mean(), grad64)
+            bf16_grad_tol = 1e-2  # the gradient is stored in bf16: 2^-8 relative rounding
+            assert loss_err <= LOSS_TOL and grad_err <= bf16_grad_tol, (kind, loss_err, grad_err)
 
 
 def test_empty_input_gives_empty_outputs_and_a_zero_loss():
@@ -291,6 +328,16 @@ def test_backward_twice_with_retain_graph_gives_the_same_gradient():
     (g1,) = torch.autograd.grad(div.sum(), student, retain_graph=True)
     (g2,) = torch.autograd.grad(div.sum(), student)
     torch.testing.assert_close(g1, g2)
+
+
+def test_no_grad_computes_values_only():
+    student, teacher = make_inputs(5, 64, seed=18)
+    student.requires_grad_()
+    signal = TeacherSignal.from_logits(teacher, dtype=torch.float32)
+    with torch.no_grad():
+        div, entropy = token_divergence(student, signal, "reverse_kl")
+    assert not div.requires_grad
+    torch.testing.assert_close(div, token_divergence(student, signal, "reverse_kl")[0].detach())
 
 
 def test_reductions():

@@ -4,7 +4,10 @@ Why: the seed implementation log-softmaxed each chunk of tokens in fp32 and let 
 graph until one backward, so its "chunking" bounded nothing (several fp32 N x V tensors stay alive). Here
 the forward pass computes, chunk by chunk, the divergence *and* its gradient wrt the student logits, writes
 the gradient rows into one preallocated N x V buffer (the input's dtype: the only N x V allocation that
-outlives a chunk), and the backward pass only scales those rows by the upstream per-token gradient.
+outlives a chunk), and the backward pass only scales those rows by the upstream per-token gradient (times a
+per-row factor, e.g. a softmax normaliser, left out in the forward pass to save a pass over the row). The
+buffer is handed to autograd as the gradient itself; a second backward through the same graph
+(retain_graph=True) recomputes it.
 
 Closed-form gradients wrt the student logits z (p = softmax(z), s = log p, q = teacher probs, t = log q):
 
@@ -38,9 +41,9 @@ distributions are taken over the tokenizer's first ``vocab_size`` columns (``ali
 student columns beyond it get zero gradient.
 
 On CPU, rows are processed one at a time by ``torch.get_num_threads()`` worker threads that each run
-torch single-threaded (restored afterwards), so each row's working set stays in cache and no op waits at an
-intra-op barrier for a core another process holds; ``chunk_size`` only caps the rows done at once. On
-other devices each step handles ``chunk_size`` rows.
+torch single-threaded (restored afterwards): a row's buffers (0.6 MB each at V=151,936) stay in cache, and
+no op waits at an intra-op barrier for a core that another process holds. ``chunk_size`` then only caps
+the rows done at once. On other devices each step handles ``chunk_size`` rows.
 """
 
 from __future__ import annotations
@@ -86,7 +89,8 @@ def token_divergence(
     mask_N: torch.Tensor | None = None,
     vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token divergence (fp32, differentiable wrt the student logits) and student entropy (fp32, detached).
+    """Per-token divergence (differentiable wrt the student logits) and student entropy (detached), both
+    fp32 (fp64 for fp64 logits), shape (N,).
 
     ``kind`` is one of ``DIVERGENCES`` (``SUPPORTED`` lists them per teacher mode); ``beta`` is JSD's
     mixture weight of the teacher. Masked tokens (mask 0) get divergence 0, entropy 0 and zero gradient.
@@ -151,6 +155,7 @@ class _Plan:
     vocab: int  # compared columns
     mask_N: torch.Tensor | None  # bool
     chunk_size: int
+    need_grad: bool
 
     @property
     def compute_dtype(self) -> torch.dtype:  # fp32, or fp64 for fp64 logits (gradcheck)
@@ -207,13 +212,14 @@ def _plan(z, teacher, kind, beta, chunk_size, mask_N, vocab_size) -> _Plan:
         if mask_N.shape != z.shape[:1]:
             raise ValueError(f"mask_N must have shape ({z.shape[0]},), got {tuple(mask_N.shape)}")
         mask_N = mask_N.to(z.device) != 0
-    return _Plan(z.detach(), teacher, kind, beta, vocab, mask_N, chunk_size)
+    need_grad = z.requires_grad and torch.is_grad_enabled()  # (inside Function.forward grad mode is off)
+    return _Plan(z.detach(), teacher, kind, beta, vocab, mask_N, chunk_size, need_grad)
 
 
 class _TokenDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits_N_V, plan):
-        div_N, entropy_N, ctx.grad_N_V, ctx.row_scale_N = _compute(plan, need_grad=ctx.needs_input_grad[0])
+        div_N, entropy_N, ctx.grad_N_V, ctx.row_scale_N = _compute(plan, plan.need_grad)
         ctx.plan = plan
         ctx.save_for_backward(student_logits_N_V)  # only for a repeated backward (retain_graph=True)
         ctx.mark_non_differentiable(entropy_N)
@@ -327,7 +333,9 @@ def _run_threads(items, process, workers: int, new_workspace) -> None:
 
     def work() -> None:
         try:
-            torch.set_num_threads(1)  # per-thread OpenMP/MKL setting; the caller's count is restored below
+            # OpenMP/MKL counts are per thread; torch's process-wide default (read by threads that start
+            # torch later) is restored below
+            torch.set_num_threads(1)
             with torch.no_grad():
                 ws = new_workspace()
                 while not errors:
@@ -378,10 +386,9 @@ def _teacher_rows(plan: _Plan, start: int, end: int, device: torch.device) -> li
 def _rowdot(a_n_v: torch.Tensor, b_n_v: torch.Tensor, out_n: torch.Tensor | None = None) -> torch.Tensor:
     """sum(a * b, -1) without an (n, V) temporary."""
     n = a_n_v.shape[0]
-    if n == 1 and a_n_v.is_contiguous() and b_n_v.is_contiguous():
-        return torch.dot(a_n_v.view(-1), b_n_v.view(-1), out=None if out_n is None else out_n.view(())).view(
-            1
-        )
+    if n == 1 and a_n_v.is_contiguous() and b_n_v.is_contiguous():  # the CPU case: one row at a time
+        out = None if out_n is None else out_n.view(())
+        return torch.dot(a_n_v.view(-1), b_n_v.view(-1), out=out).view(1)
     out = None if out_n is None else out_n.view(n, 1, 1)
     return torch.bmm(a_n_v.unsqueeze(1), b_n_v.unsqueeze(2), out=out).view(n)
 
