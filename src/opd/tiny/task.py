@@ -8,10 +8,11 @@ in a second operation doubled the steps a tiny model needs, which the CPU time b
 from __future__ import annotations
 
 import random
-import re
 from pathlib import Path
 
 import pandas as pd
+
+from opd.rewards.boxed import last_boxed
 
 DATA_SOURCE = "tiny_arith"
 INSTRUCTION = "Put the final answer in \\boxed{}."
@@ -27,8 +28,6 @@ TEMPLATES = [
     "What is {a} plus {b}?",
 ]
 
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-
 
 def response_for(answer: str) -> str:
     """The target assistant reply: short, because every generated token costs time in CPU rollouts."""
@@ -37,8 +36,8 @@ def response_for(answer: str) -> str:
 
 def extract_boxed(text: str) -> str | None:
     """The content of the last ``\\boxed{...}`` in ``text``, stripped, or None when there is none."""
-    found = _BOXED.findall(text)
-    return found[-1].strip() if found else None
+    found = last_boxed(text)
+    return found.strip() if found is not None else None
 
 
 def all_triples() -> list[tuple[int, int, str]]:
