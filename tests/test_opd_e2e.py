@@ -55,7 +55,9 @@ def test_each_loss_type_and_teacher_signal_trains(tiny_assets, tmp_path, loss_ty
     assert data["opd/target_tokens"] > 0 and data["opd/teacher_signal_mb"] > 0
 
 
-def test_reward_weighted_opd_with_two_samples_per_prompt_saves_and_resumes(tiny_assets, tmp_path):
+def test_reward_weighted_opd_with_two_samples_mini_batches_and_epochs_saves_and_resumes(
+    tiny_assets, tmp_path
+):
     first = tmp_path / "first"
     steps = _run(
         tiny_assets,
@@ -64,6 +66,8 @@ def test_reward_weighted_opd_with_two_samples_per_prompt_saves_and_resumes(tiny_
         "actor_rollout_ref.rollout.n=2",
         "opd.reward_beta=0.5",
         "opd.teacher_signal=logits",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=4",  # 4 prompts x 2 responses per optimizer step
+        "actor_rollout_ref.actor.ppo_epochs=2",
         save_freq=2,
     )
     assert sorted(steps) == [1, 2]
@@ -73,6 +77,9 @@ def test_reward_weighted_opd_with_two_samples_per_prompt_saves_and_resumes(tiny_
         # 8 prompts x rollout.n=2 responses actually generated and distilled
         assert data["opd/rows"] == 16
         assert data["opd/reward_weight_min"] <= 1.0 <= data["opd/reward_weight_max"]
+        # verl's meaning: 16 rows / 8 per mini-batch x 2 epochs; every token selected by default
+        assert data["opd/optimizer_steps"] == 4
+        assert data["opd/selected_token_fraction"] == 1.0
     assert (first / "checkpoints" / "global_step_2" / "actor").is_dir()
 
     resumed = tmp_path / "resumed"

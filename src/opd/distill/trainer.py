@@ -47,6 +47,7 @@ class OPDTrainer(RayPPOTrainer):
         weights_B = reward_weights(rewards_B, opd["reward_beta"])
         batch.batch["sample_weight"] = weights_B
         batch.meta_info["opd"] = opd
+        batch.meta_info["global_steps"] = self.global_steps
         output = self.actor_rollout_wg.update_actor_opd(batch)
         metrics = output.meta_info["metrics"]
         metrics.update(tool_mask_metrics(batch))

@@ -115,7 +115,8 @@ class OPDActorRolloutRefWorker(AsyncActorRolloutRefWorker):
         metrics["opd/teacher_signal_mb"] = sum(s.nbytes_per_token() * s.num_tokens for s in signals) / 2**20
 
         with _phase("student", metrics):
-            metrics.update(self._student_update(micro, signals, opd_config))
+            step = int(data.meta_info.get("global_steps", 0))
+            metrics.update(self._student_update(micro, signals, opd_config, step))
         return DataProto(meta_info={"metrics": metrics})
 
     @torch.no_grad()
@@ -146,54 +147,96 @@ class OPDActorRolloutRefWorker(AsyncActorRolloutRefWorker):
         return signals
 
     def _student_update(
-        self, micro: list[_MicroBatch], signals: list[TeacherSignal], opd_config: dict
+        self, micro: list[_MicroBatch], signals: list[TeacherSignal], opd_config: dict, step: int
     ) -> dict:
-        """Phase 2: student forward, chunked divergence, backward over micro-batches, clip, step."""
+        """Phase 2: ``ppo_epochs`` passes over the batch in mini-batches of ``ppo_mini_batch_size`` rows (verl's
+        meaning); per mini-batch: student forwards, chunked divergence, backward per micro-batch, clip, step.
+        The teacher signal is reused by every pass: it depends on the rollout tokens only."""
         if self._is_offload_param:
             load_fsdp_model_to_gpu(self.actor_module_fsdp)
         if self._is_offload_optimizer:
             load_fsdp_optimizer(optimizer=self.actor_optimizer, device_id=get_device_id())
         student = self.actor_module_fsdp
         student.train()
-        self.actor_optimizer.zero_grad()
-        total_weight = sum(
-            float(mb.weight_N.sum()) if mb.weight_N is not None else len(mb.target_ids_N) for mb in micro
-        )
-        div_sum = entropy_sum = 0.0
-        n_tokens = 0
-        for mb, signal in zip(micro, signals, strict=True):
-            logits_B_T_V = mb.forward(student, logits_to_keep=mb.keep).logits
-            student_logits_N_V = mb.select(logits_B_T_V)
-            div_N, entropy_N = token_divergence(
-                student_logits_N_V,
-                signal.to(student_logits_N_V.device),
-                opd_config["loss_type"],
-                beta=opd_config["beta"],
-                chunk_size=opd_config["chunk_size"],
-                vocab_size=opd_config["vocab_size"],
-            )
-            weight_N = None if mb.weight_N is None else mb.weight_N.to(div_N.device)
-            # sum over this micro-batch / weight of the whole batch: accumulation gives the batch token mean
-            loss = reduce_divergence(div_N, weight_N=weight_N, mode="sum") / max(total_weight, 1e-12)
-            loss.backward()
-            div_sum += float(div_N.detach().sum())
-            entropy_sum += float(entropy_N.sum())
-            n_tokens += len(div_N)
-            del logits_B_T_V, student_logits_N_V, div_N, loss
-        grad_norm = self._clip_and_step()
+        actor = self.config.actor
+        per_mini = max(1, actor.ppo_mini_batch_size // actor.ppo_micro_batch_size_per_gpu)
+        pairs = list(zip(micro, signals, strict=True))
+        loss_type = self.divergence_at(step, opd_config)
+        totals = {"div": 0.0, "entropy": 0.0, "tokens": 0, "kept": 0.0}
+        grad_norms = []
+        for _ in range(actor.ppo_epochs):
+            for start in range(0, len(pairs), per_mini):
+                mini = pairs[start : start + per_mini]
+                grad_norms.append(self._mini_batch_step(mini, opd_config, loss_type, step, totals))
         lr = self.actor_lr_scheduler.get_last_lr()[0]
         self.actor_lr_scheduler.step()
         if self._is_offload_param:
             offload_fsdp_model_to_cpu(self.actor_module_fsdp)
         if self._is_offload_optimizer:
             offload_fsdp_optimizer(optimizer=self.actor_optimizer)
+        n_tokens = max(totals["tokens"], 1)
         return {
-            "opd/divergence": div_sum / max(n_tokens, 1),
-            "actor/entropy": entropy_sum
-            / max(n_tokens, 1),  # replaces verl's (skipped) old-log-prob pass value
-            "actor/grad_norm": grad_norm,
+            "opd/divergence": totals["div"] / n_tokens,
+            "opd/selected_token_fraction": totals["kept"] / n_tokens,
+            "opd/optimizer_steps": len(grad_norms),
+            "actor/entropy": totals["entropy"] / n_tokens,  # replaces verl's (skipped) old-log-prob pass
+            "actor/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
             "actor/lr": lr.item() if torch.is_tensor(lr) else lr,
         }
+
+    def _mini_batch_step(
+        self,
+        mini: list[tuple[_MicroBatch, TeacherSignal]],
+        opd_config: dict,
+        loss_type: str,
+        step: int,
+        totals,
+    ) -> float:
+        """One optimizer step: gradients accumulated over the mini-batch's micro-batches, then clip and step."""
+        student = self.actor_module_fsdp
+        self.actor_optimizer.zero_grad()
+        # the loss is the mini-batch's (weighted) token mean: each micro-batch's sum over the whole weight
+        total_weight = sum(
+            float(mb.weight_N.sum()) if mb.weight_N is not None else len(mb.target_ids_N) for mb, _ in mini
+        )
+        for mb, signal in mini:
+            student_logits_N_V = mb.select(mb.forward(student, logits_to_keep=mb.keep).logits)
+            # the target rows are a copy only this loss reads: their storage receives the gradient
+            div_N, entropy_N = token_divergence(
+                student_logits_N_V,
+                signal.to(student_logits_N_V.device),
+                loss_type,
+                beta=opd_config["beta"],
+                chunk_size=opd_config["chunk_size"],
+                vocab_size=opd_config["vocab_size"],
+                overwrite_logits=True,
+            )
+            weight_N = None if mb.weight_N is None else mb.weight_N.to(div_N.device)
+            selected_N = self.select_tokens(div_N.detach(), entropy_N, mb, step)
+            if selected_N is not None:
+                selected_N = selected_N.to(div_N)
+                weight_N = selected_N if weight_N is None else weight_N * selected_N
+            loss = reduce_divergence(div_N, weight_N=weight_N, mode="sum") / max(total_weight, 1e-12)
+            loss.backward()
+            totals["div"] += float(div_N.detach().sum())
+            totals["entropy"] += float(entropy_N.sum())
+            totals["tokens"] += len(div_N)
+            totals["kept"] += len(div_N) if selected_N is None else float((selected_N > 0).sum())
+            del student_logits_N_V, div_N, loss
+        return self._clip_and_step()
+
+    def select_tokens(
+        self, div_N: torch.Tensor, entropy_N: torch.Tensor, mb: _MicroBatch, step: int
+    ) -> torch.Tensor | None:
+        """Hook for per-token selection (token-importance methods): a weight per target token, 0 to drop it,
+        applied before the reduction; the divergence and student entropy come from the same pass. The
+        normaliser stays the mini-batch's weight before selection. Default: every token (None)."""
+        return None
+
+    def divergence_at(self, step: int, opd_config: dict) -> str:
+        """Hook for a divergence that changes with the training step (e.g. forward then reverse KL).
+        Default: ``opd.loss_type`` throughout."""
+        return opd_config["loss_type"]
 
     def _clip_and_step(self) -> float:
         module, max_norm = self.actor_module_fsdp, self.config.actor.grad_clip
