@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import opd.distill
 from opd.bench.loss import exact_divergence, make_inputs, seed_style_divergence
 from opd.distill import (
     DIVERGENCES,
@@ -422,3 +423,53 @@ def test_nan_student_raises():
     student[1, 4] = math.nan
     with pytest.raises(ValueError, match="student logits"):
         token_divergence(student, TeacherSignal.from_logits(teacher), "forward_kl")
+
+
+@pytest.mark.parametrize(
+    "mode,kind", [(m, k) for m in ("logits", "topk", "sampled") for k in opd.distill.SUPPORTED[m]]
+)
+def test_overwrite_logits_gives_the_same_values_and_gradient_in_the_logits_storage(mode, kind):
+    student, teacher = make_inputs(40, 3000, seed=21)
+    student[:3, :50] = teacher[:3, :50] = float("-inf")  # the safe path must redo rows from a saved copy
+    ids = torch.distributions.Categorical(logits=student).sample()
+    signal = _tiny_signal(mode, teacher, ids)
+    mask = torch.ones(40, dtype=torch.bool)
+    mask[5:9] = False
+    weight = torch.rand(40)
+    leaf = student.clone().requires_grad_()
+    div, entropy = token_divergence(leaf, signal, kind, mask_N=mask)
+    (expected,) = torch.autograd.grad((div * weight).sum(), leaf)
+
+    head_out = student.clone().requires_grad_()
+    logits = head_out * 1.0  # a non-leaf that only the loss reads, like an output head's result
+    div2, entropy2 = token_divergence(logits, signal, kind, mask_N=mask, overwrite_logits=True)
+    (grad,) = torch.autograd.grad((div2 * weight).sum(), logits)
+    assert grad.data_ptr() == logits.data_ptr(), "the gradient must live in the logits' storage"
+    torch.testing.assert_close(div2, div, rtol=0, atol=0)
+    torch.testing.assert_close(entropy2, entropy, rtol=0, atol=0)
+    torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_overwrite_logits_refuses_a_second_backward_and_trips_nodes_that_saved_the_logits():
+    student, teacher = make_inputs(6, 50, seed=22)
+    signal = TeacherSignal.from_logits(teacher, dtype=torch.float32)
+    logits = student.clone().requires_grad_() * 1.0
+    div, _ = token_divergence(logits, signal, "reverse_kl", overwrite_logits=True)
+    torch.autograd.grad(div.sum(), logits, retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        torch.autograd.grad(div.sum(), logits)
+
+    leaf = student.clone().requires_grad_()
+    logits = leaf * 1.0
+    squares = logits.pow(2)  # pow saves its input: overwriting it must not go unnoticed
+    div, _ = token_divergence(logits, signal, "forward_kl", overwrite_logits=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (div.sum() + squares.sum()).backward()
+
+
+def test_overwrite_logits_without_grad_leaves_the_logits_intact():
+    student, teacher = make_inputs(4, 30, seed=23)
+    before = student.clone()
+    with torch.no_grad():
+        token_divergence(student, TeacherSignal.from_logits(teacher), "jsd", overwrite_logits=True)
+    assert torch.equal(student, before)

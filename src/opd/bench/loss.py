@@ -1,16 +1,18 @@
 """python -m opd.bench.loss [--n 512 2048] [--kinds reverse_kl forward_kl jsd] [--device auto|cpu|cuda]
 
-Benchmarks ``opd.distill.token_divergence`` (closed-form gradient, one N x V buffer) against a
-re-implementation of the seed's pattern (``seed_style_divergence``: per chunk, fp32 log-softmax of student
-and teacher and the divergence by autograd, every chunk's graph kept until one backward) on fp32 logits
-(student requires grad) in logits mode, same chunk_size for both. It exists to show the speed and memory
+Benchmarks ``opd.distill.token_divergence`` (closed-form gradient written into the student logits' storage,
+``overwrite_logits=True``, as the OPD worker calls it; ``--extra ours-buffer`` adds the variant with a new
+N x V gradient buffer) against a re-implementation of the seed's pattern (``seed_style_divergence``: per
+chunk, fp32 log-softmax of student and teacher and the divergence by autograd, every chunk's graph kept until
+one backward) on fp32 logits in logits mode, same chunk_size for both. Each step ends with the gradient wrt
+the logits (``torch.autograd.grad``), which is what flows on into the output head's backward. It exists to show the speed and memory
 gains and that accuracy did not suffer; the two references here are also what the tests compare against.
 
 Each (configuration, implementation) runs in a fresh process: inputs are built, one warm-up step runs, then
 ``--repeats`` timed forward+backward steps (median reported). Peak extra memory of a step:
 - CPU: the kernel's high-water mark of the process's resident memory, reset right before the step
   (``/proc/self/clear_refs``), minus the resident memory at that moment (inputs allocated, previous
-  gradient freed); it includes the N x V gradient the step leaves behind. Where clear_refs is not writable,
+  gradient freed); it includes any new N x V gradient the step leaves behind. Where clear_refs is not writable,
   a thread samples /proc/self/statm every millisecond instead.
 - CUDA: ``torch.cuda.max_memory_allocated()`` during the step minus the allocation before it.
 Errors are measured against an fp64 autograd reference on the same fp32 inputs (``exact_divergence``): the
@@ -175,36 +177,49 @@ def run_one(
         teacher, dtype=torch.float32, device=device
     )  # the same tensor, no copy
 
-    def step() -> torch.Tensor:
-        if impl == "ours":
-            loss = reduce_divergence(
-                token_divergence(student, signal, kind, beta=beta, chunk_size=chunk_size)[0]
-            )
+    overwrite = impl == "ours"
+    original = student.detach().clone() if overwrite else None  # restored before every step
+
+    def step() -> tuple[torch.Tensor, torch.Tensor]:
+        if impl in ("ours", "ours-buffer"):
+            div_N = token_divergence(
+                student, signal, kind, beta=beta, chunk_size=chunk_size, overwrite_logits=overwrite
+            )[0]
+            loss = reduce_divergence(div_N)
         else:
             loss = seed_style_divergence(student, teacher, kind, beta=beta, chunk_size=chunk_size).mean()
-        loss.backward()
-        return loss.detach()
+        (grad,) = torch.autograd.grad(loss, student)
+        return loss.detach(), grad
+
+    def restore() -> None:
+        if original is not None:
+            with torch.no_grad():
+                student.copy_(original)
 
     step()  # warm-up
-    times, peaks = [], []
+    times, peaks, grad = [], [], None
     for _ in range(repeats):
-        student.grad = None
+        grad = None
+        restore()
         gc.collect()
         with PeakMemory(dev) as mem:
             start = time.perf_counter()
-            loss = step()
+            loss, grad = step()
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         peaks.append(mem.peak_bytes)
+    if overwrite:
+        grad = grad.clone()  # it lives in the logits' storage, which the errors below need restored
+    restore()
 
     loss64, grad_err, grad_scale = 0.0, 0.0, 0.0
     for start, div64, grad64 in exact_divergence_chunks(
         student, teacher, kind, beta=beta, weight_N=torch.full((n,), 1.0 / n, dtype=torch.float64)
     ):
         loss64 += float(div64.sum()) / n
-        grad = student.grad[start : start + len(div64)].double()
-        grad_err = max(grad_err, float((grad - grad64).abs().max()))
+        grad_rows = grad[start : start + len(div64)].double()
+        grad_err = max(grad_err, float((grad_rows - grad64).abs().max()))
         grad_scale = max(grad_scale, float(grad64.abs().max()))
     return {
         "impl": impl,
@@ -213,7 +228,7 @@ def run_one(
         "times_s": times,
         "time_s": statistics.median(times),
         "peak_bytes": max(peaks),
-        "grad_bytes": student.grad.numel() * student.grad.element_size(),
+        "grad_bytes": grad.numel() * grad.element_size(),
         "loss": float(loss),
         "loss_rel_err": abs(float(loss) - loss64) / abs(loss64),
         "grad_rel_err": grad_err / grad_scale,
@@ -244,6 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--out", default="outputs/bench/loss.json")
+    parser.add_argument(
+        "--extra",
+        nargs="*",
+        default=[],
+        choices=["ours-buffer"],
+        help="also run ours with the gradient in a new N x V buffer (overwrite_logits=False)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -259,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     results, rows, pairs = [], [], []
     for i, (n, kind) in enumerate(configs, 1):
         pair = {}
-        for impl in ("seed", "ours"):
+        for impl in ("seed", "ours", *args.extra):
             config = dict(impl=impl, n=n, vocab=args.vocab, kind=kind, beta=args.beta)
             config.update(chunk_size=args.chunk_size, repeats=args.repeats, device=device)
             pair[impl] = r = _in_fresh_process(config)

@@ -88,6 +88,7 @@ def token_divergence(
     chunk_size: int = 1024,
     mask_N: torch.Tensor | None = None,
     vocab_size: int | None = None,
+    overwrite_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token divergence (differentiable wrt the student logits) and student entropy (detached), both
     fp32 (fp64 for fp64 logits), shape (N,).
@@ -95,8 +96,14 @@ def token_divergence(
     ``kind`` is one of ``DIVERGENCES`` (``SUPPORTED`` lists them per teacher mode); ``beta`` is JSD's
     mixture weight of the teacher. Masked tokens (mask 0) get divergence 0, entropy 0 and zero gradient.
     ``vocab_size`` (the tokenizer's size) is required when the two heads differ in width.
+
+    ``overwrite_logits=True`` writes the gradient into the student logits' own storage instead of a new
+    N x V buffer (the logits are garbage afterwards): for logits that nothing else reads, such as an output
+    head's result whose only consumer is this loss. Should another autograd node have saved them, its
+    backward fails loudly (the shared version counter), never silently. Not for leaf tensors whose ``.grad``
+    is accumulated: the gradient would alias the leaf's data; use ``torch.autograd.grad`` there.
     """
-    plan = _plan(student_logits_N_V, teacher, kind, beta, chunk_size, mask_N, vocab_size)
+    plan = _plan(student_logits_N_V, teacher, kind, beta, chunk_size, mask_N, vocab_size, overwrite_logits)
     return _TokenDivergence.apply(student_logits_N_V, plan)
 
 
@@ -156,13 +163,14 @@ class _Plan:
     mask_N: torch.Tensor | None  # bool
     chunk_size: int
     need_grad: bool
+    overwrite: bool  # the gradient goes into student_N_V's storage
 
     @property
     def compute_dtype(self) -> torch.dtype:  # fp32, or fp64 for fp64 logits (gradcheck)
         return torch.float64 if self.student_N_V.dtype == torch.float64 else torch.float32
 
 
-def _plan(z, teacher, kind, beta, chunk_size, mask_N, vocab_size) -> _Plan:
+def _plan(z, teacher, kind, beta, chunk_size, mask_N, vocab_size, overwrite=False) -> _Plan:
     if kind not in DIVERGENCES:
         raise ValueError(f"unknown divergence {kind!r}; choose one of {DIVERGENCES}")
     if not isinstance(teacher, TeacherSignal):
@@ -213,7 +221,13 @@ def _plan(z, teacher, kind, beta, chunk_size, mask_N, vocab_size) -> _Plan:
             raise ValueError(f"mask_N must have shape ({z.shape[0]},), got {tuple(mask_N.shape)}")
         mask_N = mask_N.to(z.device) != 0
     need_grad = z.requires_grad and torch.is_grad_enabled()  # (inside Function.forward grad mode is off)
-    return _Plan(z.detach(), teacher, kind, beta, vocab, mask_N, chunk_size, need_grad)
+    if overwrite and not need_grad:
+        overwrite = False  # no gradient wanted: leave the logits intact
+    if overwrite and not z.is_contiguous():
+        raise ValueError(
+            "overwrite_logits needs contiguous student logits (the gradient is written in place)"
+        )
+    return _Plan(z.detach(), teacher, kind, beta, vocab, mask_N, chunk_size, need_grad, overwrite)
 
 
 class _TokenDivergence(torch.autograd.Function):
@@ -221,7 +235,8 @@ class _TokenDivergence(torch.autograd.Function):
     def forward(ctx, student_logits_N_V, plan):
         div_N, entropy_N, ctx.grad_N_V, ctx.row_scale_N = _compute(plan, plan.need_grad)
         ctx.plan = plan
-        ctx.save_for_backward(student_logits_N_V)  # only for a repeated backward (retain_graph=True)
+        if not plan.overwrite:  # only for a repeated backward (retain_graph=True)
+            ctx.save_for_backward(student_logits_N_V)
         ctx.mark_non_differentiable(entropy_N)
         return div_N, entropy_N
 
@@ -231,6 +246,11 @@ class _TokenDivergence(torch.autograd.Function):
         grad_N_V, ctx.grad_N_V = ctx.grad_N_V, None  # scaled in place and handed to autograd: no copy
         row_scale_N = ctx.row_scale_N
         if grad_N_V is None:  # the first backward used the buffer up: recompute it
+            if ctx.plan.overwrite:
+                raise RuntimeError(
+                    "a second backward through token_divergence(overwrite_logits=True): the logits now hold "
+                    "the gradient; call it again, or use overwrite_logits=False with retain_graph=True"
+                )
             ctx.plan.student_N_V = ctx.saved_tensors[0].detach()
             _, _, grad_N_V, row_scale_N = _compute(ctx.plan, need_grad=True)
         return grad_N_V.mul_((grad_div_N * row_scale_N)[:, None]), None
@@ -254,7 +274,12 @@ def _compute(plan: _Plan, need_grad: bool):
     div_N = torch.zeros(N, dtype=dtype, device=device)
     negent_N = torch.zeros(N, dtype=dtype, device=device)  # sum p log p = -entropy
     scale_N = torch.ones(N, dtype=dtype, device=device)  # per-row factors the stored gradient rows still need
-    grad_N_V = torch.empty(z.shape, dtype=z.dtype, device=device) if need_grad else None
+    if not need_grad:
+        grad_N_V = None
+    elif plan.overwrite:
+        grad_N_V = z  # each row is read into the workspace before its gradient replaces it
+    else:
+        grad_N_V = torch.empty(z.shape, dtype=z.dtype, device=device)
     active_N = plan.mask_N
     if grad_N_V is not None:
         grad_N_V[:, V:] = 0
@@ -270,23 +295,33 @@ def _compute(plan: _Plan, need_grad: bool):
         rows = item_rows = plan.chunk_size
     # the gradient rows double as the p_s buffer when they are contiguous rows of the compute dtype
     direct = grad_N_V is not None and z.dtype == dtype and (V == width or rows == 1)
+    nan_rows: list[int] = []  # rows still NaN on the safe path (reported after all rows are done)
 
-    def process(start: int, end: int, ws: _Workspace, safe: bool = False) -> None:
+    def process(start: int, end: int, ws: _Workspace) -> None:
         teacher_rows = _teacher_rows(plan, start, end, device)
         for r0 in range(start, end, rows):
             r1 = min(end, r0 + rows)
             n = r1 - r0
-            x = _as_dtype(z[r0:r1, :V], dtype, ws, "x")
+            x = z[r0:r1, :V]
+            x = ws.buf("x", n).copy_(x) if plan.overwrite or x.dtype != dtype else x
             p = grad_N_V[r0:r1, :V] if direct else ws.buf("p", n)
             out = (div_N[r0:r1], negent_N[r0:r1], scale_N[r0:r1])
             part = [t[r0 - start : r1 - start] for t in teacher_rows]
             if teacher.mode in ("logits", "hidden"):
-                y = _as_dtype(part[0], dtype, ws, "y")
-                _dense(plan.kind, plan.beta, x, y, p, ws, out, safe)
-            elif teacher.mode == "topk":
-                _buckets(plan.kind, plan.beta, x, p, *part, out, safe)
-            else:
-                _sampled(x, p, *part, out, safe)
+                part[0] = _as_dtype(part[0], dtype, ws, "y")
+            for safe in (False, True):
+                # -inf logits can meet 0 * inf on the fast path: redo the rows with 0 log 0 = 0 made explicit
+                if teacher.mode in ("logits", "hidden"):
+                    _dense(plan.kind, plan.beta, x, part[0], p, ws, out, safe)
+                elif teacher.mode == "topk":
+                    _buckets(plan.kind, plan.beta, x, p, *part, out, safe)
+                else:
+                    _sampled(x, p, *part, out, safe)
+                if not torch.isnan(out[0] + out[1]).any():
+                    break
+                if safe:
+                    bad = torch.isnan(out[0] + out[1]).nonzero().flatten()
+                    nan_rows.extend((r0 + bad).tolist())
             if grad_N_V is not None and not direct:
                 grad_N_V[r0:r1, :V].copy_(p)
 
@@ -299,15 +334,8 @@ def _compute(plan: _Plan, need_grad: bool):
         for item in items:
             process(*item, ws)
 
-    # Rows with NaN: -inf logits met 0 * inf on the fast path; redo them with 0 log 0 = 0 made explicit.
-    bad_N = torch.isnan(div_N) | torch.isnan(negent_N)
-    if active_N is not None:
-        bad_N &= active_N
-    if bad_N.any():
-        ws = _Workspace(rows, V, dtype, device)
-        for r in bad_N.nonzero().flatten().tolist():
-            process(r, r + 1, ws, safe=True)
-        _raise_if_nan(plan, div_N, negent_N, active_N)
+    if nan_rows:
+        _raise_nan(plan, sorted(nan_rows))
     return div_N, negent_N.neg_(), grad_N_V, scale_N
 
 
@@ -506,25 +534,19 @@ def _sampled(x, p, ids, teacher_logp, out, safe) -> None:
     p.mul_(-div[:, None]).scatter_add_(1, ids[:, None], div[:, None])
 
 
-def _raise_if_nan(plan: _Plan, div_N, negent_N, active_N) -> None:
-    bad_N = torch.isnan(div_N) | torch.isnan(negent_N)
-    if active_N is not None:
-        bad_N &= active_N
-    rows = bad_N.nonzero().flatten().tolist()
-    if not rows:
-        return
+def _raise_nan(plan: _Plan, rows: list[int]) -> None:
+    """Name the culprit of rows whose divergence is NaN even on the safe path."""
 
     def broken(x: torch.Tensor) -> bool:  # NaN, +inf, or no finite entry at all
         return bool(torch.isnan(x).any() or (x == float("inf")).any() or (x == float("-inf")).all())
 
     mode = plan.teacher.mode
+    device = plan.student_N_V.device
     teacher_bad = [
-        r
-        for r in rows
-        if mode in ("logits", "hidden") and broken(_teacher_rows(plan, r, r + 1, div_N.device)[0])
+        r for r in rows if mode in ("logits", "hidden") and broken(_teacher_rows(plan, r, r + 1, device)[0])
     ]
-    student_bad = [r for r in rows if broken(plan.student_N_V[r, : plan.vocab])]
-    culprit, bad = ("teacher signal", teacher_bad) if teacher_bad else ("student logits", student_bad or rows)
+    # with overwrite_logits the student rows now hold gradients: blame them when the teacher is fine
+    culprit, bad = ("teacher signal", teacher_bad) if teacher_bad else ("student logits", rows)
     raise ValueError(
         f"non-finite divergence in {len(rows)} token rows: the {culprit} are NaN/+inf (or all -inf) in "
         f"{len(bad)} rows (first: row {bad[0]}), which would poison the loss; fix the model or mask those tokens"
