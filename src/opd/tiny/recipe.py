@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass
 
 # Bump whenever the recipe or the code that builds the assets changes what gets built.
-BUILDER_VERSION = "2"
+BUILDER_VERSION = "3"
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,12 @@ TEACHER = ModelSpec(hidden_size=128, num_layers=2, num_heads=8, num_kv_heads=4, 
 TEACHER_SFT = SFTRecipe(
     lr=2e-3, batch_size=64, max_steps=2000, warmup_steps=50, eval_every=50, stop_band=(0.95, 1.0)
 )
-# Smaller and stopped early, but able to learn the task (it passes 60% after ~700 more SFT steps).
-STUDENT = ModelSpec(hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=8, intermediate_size=256)
+# Smaller, and stopped early, at the start of its learning curve's steep part: this width learns carries
+# abruptly (h96: 0.13 -> 0.54 val accuracy within ~100 SFT steps after a slow start), so a short OPD run can
+# lift it by tens of points, while a narrower student (h64) climbs too slowly for the CPU demo's budget.
+STUDENT = ModelSpec(hidden_size=96, num_layers=2, num_heads=8, num_kv_heads=4, intermediate_size=256)
 STUDENT_SFT = SFTRecipe(
-    lr=2e-3, batch_size=64, max_steps=1500, warmup_steps=50, eval_every=25, stop_band=(0.15, 0.35)
+    lr=2e-3, batch_size=64, max_steps=1500, warmup_steps=50, eval_every=25, stop_band=(0.15, 0.30)
 )
 # A build that misses these bounds fails instead of being cached.
 TEACHER_MIN_ACCURACY = 0.90
