@@ -2,7 +2,7 @@
 
 DAPO prompts ask for a final line ``Answer: $Answer``; verl's ``reward_score.math_dapo`` extracts it
 case-insensitively, takes the last such line and compares normalised strings. Here the extraction
-convention is the same, but equivalence is ``opd.rewards.math_reward.is_equivalent`` (one home for it),
+convention is the same, but equivalence is ``opd.rewards.math_reward``'s (``score_answer``, one home for it),
 and ``score`` is 1.0/0.0 like every opd reward rather than verl's 1.0/-1.0, so that scores from
 ``math_reward`` and ``math_dapo`` runs are directly comparable.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from opd.rewards.boxed import last_boxed
-from opd.rewards.math_reward import is_equivalent
+from opd.rewards.math_reward import score_answer
 
 _ANSWER_LINE = re.compile(r"answer\s*:(.*)", re.IGNORECASE)
 
@@ -37,6 +37,4 @@ def compute_score(
     **kwargs: object,
 ) -> dict[str, float | str]:
     """verl reward-function signature; ``score`` = ``acc`` = 1.0 when the last ``Answer:`` is correct."""
-    pred = extract_answer(solution_str)
-    correct = bool(pred) and is_equivalent(pred, str(ground_truth))
-    return {"score": float(correct), "acc": float(correct), "pred": pred}
+    return score_answer(extract_answer(solution_str), ground_truth)

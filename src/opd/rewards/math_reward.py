@@ -187,7 +187,11 @@ def compute_score(
     **kwargs: object,
 ) -> dict[str, float | str]:
     """verl reward-function signature; ``score`` = ``acc`` = 1.0 when the last boxed answer is correct."""
-    pred = last_boxed(solution_str) or ""
+    return score_answer(last_boxed(solution_str) or "", ground_truth)
+
+
+def score_answer(pred: str, ground_truth: object) -> dict[str, float | str]:
+    """The reward dict every math reward returns for an extracted answer ("" when there is none)."""
     correct = bool(pred) and is_equivalent(pred, str(ground_truth))
     return {"score": float(correct), "acc": float(correct), "pred": pred}
 
