@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+import opd.config  # noqa: F401  (registers the opd.* resolvers the recipes use)
 from opd.data.checks import InputError, as_list, check_chat_template, check_rl_parquet, resolve_model_dir
 
 
@@ -66,7 +68,11 @@ def route_metrics_file(config: DictConfig, run_dir: str) -> None:
 
 
 def prepare(config: DictConfig, run_dir: str | None = None) -> DictConfig:
-    """Validate and complete a verl config in the driver; raise InputError with a clear message."""
+    """Validate and complete a verl config in the driver; raise InputError with a clear message.
+
+    The config is resolved here, once: Ray workers then see plain values (no ``opd.*`` resolvers needed
+    there) and every check reads the values the run will use."""
+    OmegaConf.resolve(config)
     check_inputs(config)
     configure_ray(config)
     route_metrics_file(config, run_dir or os.getcwd())
@@ -80,3 +86,17 @@ def prepare(config: DictConfig, run_dir: str | None = None) -> DictConfig:
 def exit_on_input_error(error: InputError) -> None:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
+
+
+@contextmanager
+def trainer_class(cls):
+    """verl's TaskRunner.run builds ``RayPPOTrainer`` by its module-level name; swap it for this process
+    (a dedicated Ray actor) rather than copying verl's 100-line setup."""
+    from verl.trainer import main_ppo
+
+    original = main_ppo.RayPPOTrainer
+    main_ppo.RayPPOTrainer = cls
+    try:
+        yield
+    finally:
+        main_ppo.RayPPOTrainer = original

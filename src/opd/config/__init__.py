@@ -1,1 +1,43 @@
-"""verl-side Hydra configs (a package so that Hydra can find it as a config module)."""
+"""verl-side Hydra configs (a package so that Hydra can find it as a config module).
+
+Importing it registers the ``opd.*`` resolvers the recipes use; entry points resolve the whole config in
+the driver (``opd.runtime.prepare``), so Ray workers never need them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from omegaconf import OmegaConf
+
+
+def _basename(path) -> str:
+    return os.path.basename(os.path.normpath(str(path)))
+
+
+def _safe_name(name) -> str:
+    """Model names become directory and experiment names: ``Qwen/Qwen3-8B`` -> ``Qwen_Qwen3-8B``."""
+    return str(name).replace("/", "_")
+
+
+def _token_cap(prompt_length, response_length, factor) -> int:
+    """Per-GPU token cap for dynamic batch sizes: ``factor`` full-length rows (the seed's rule)."""
+    return (int(prompt_length) + int(response_length)) * int(factor)
+
+
+def _product(*factors) -> int:
+    return math.prod(int(f) for f in factors)
+
+
+def register_resolvers() -> None:
+    for name, fn in (
+        ("opd.basename", _basename),
+        ("opd.safe_name", _safe_name),
+        ("opd.token_cap", _token_cap),
+        ("opd.product", _product),
+    ):
+        OmegaConf.register_new_resolver(name, fn, replace=True)
+
+
+register_resolvers()

@@ -6,8 +6,6 @@ lives in the same worker as the student (verl's ``actor_rollout_ref`` role, ref 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from omegaconf import OmegaConf
 from verl import DataProto
@@ -15,6 +13,7 @@ from verl.trainer import main_ppo
 from verl.trainer.ppo.ray_trainer import RayPPOTrainer, Role
 
 from opd.distill.weights import reward_weights
+from opd.runtime import trainer_class
 
 
 def tool_mask_metrics(batch: DataProto) -> dict[str, float]:
@@ -73,17 +72,5 @@ class OPDTaskRunner(main_ppo.TaskRunner):
         """The teacher is the ref model inside the actor worker: no separate ref worker group."""
 
     def run(self, config):
-        with _trainer_class(OPDTrainer):
+        with trainer_class(OPDTrainer):
             return super().run(config)
-
-
-@contextmanager
-def _trainer_class(cls):
-    """verl's TaskRunner.run builds ``RayPPOTrainer`` by its module-level name; swap it for this process
-    (a dedicated Ray actor) rather than copying verl's 100-line setup."""
-    original = main_ppo.RayPPOTrainer
-    main_ppo.RayPPOTrainer = cls
-    try:
-        yield
-    finally:
-        main_ppo.RayPPOTrainer = original

@@ -1,0 +1,80 @@
+"""MODEL_PATH=... python -m opd.main_eval actor_rollout_ref.model.path=$MODEL_PATH [platform=cpu]   (jobs/eval_math.sh)
+
+Validation only: sample ``VAL_N`` answers per problem from the model on the processed eval sets
+(``INSTRUCTION_VARIANT``: boxed | dapo | none, written by ``python -m opd.data.process_eval_data``), score
+them with ``REWARD_FUNCTION`` (math_reward | math_dapo) and report mean@n, pass@k and maj@k per data
+source: a table on stdout, ``eval_results.json`` and every generation in ``generations.jsonl`` in the run
+directory. Sampling: ``VAL_TEMPERATURE``, ``VAL_TOP_P``, ``VAL_TOP_K``. Options: ``opd/config/eval.yaml``.
+verl's validation loop does the generation (same rollout engines, batching and reward workers as training).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from opd.data.checks import InputError, as_list
+from opd.evaluation import RESULTS_FILE, format_table
+from opd.runtime import exit_on_input_error, prepare
+
+INSTRUCTION_VARIANTS = ("boxed", "dapo", "none")
+REWARD_FUNCTIONS = ("math_reward", "math_dapo", "boxed")
+
+
+def check_eval_settings(config: DictConfig) -> None:
+    """Known variant and reward, n >= 1, processed files present; fills the internal training file."""
+    OmegaConf.resolve(config)
+    variant, reward = config.eval.instruction_variant, config.eval.reward_function
+    if variant not in INSTRUCTION_VARIANTS:
+        raise InputError(f"INSTRUCTION_VARIANT={variant}: choose one of {', '.join(INSTRUCTION_VARIANTS)}")
+    if reward not in REWARD_FUNCTIONS:
+        raise InputError(f"REWARD_FUNCTION={reward}: choose one of {', '.join(REWARD_FUNCTIONS)}")
+    if int(config.actor_rollout_ref.rollout.val_kwargs.n) < 1:
+        raise InputError("VAL_N must be >= 1 (samples per problem)")
+    if (variant == "dapo") != (reward == "math_dapo"):
+        print(
+            f"warning: INSTRUCTION_VARIANT={variant} with REWARD_FUNCTION={reward}: the prompts ask for "
+            f"{'an Answer: line' if variant == 'dapo' else 'a boxed answer' if variant == 'boxed' else 'nothing'}"
+            f" but the reward reads {'an Answer: line' if reward == 'math_dapo' else 'a boxed answer'}",
+            file=sys.stderr,
+        )
+    val_files = as_list(config.data.val_files)
+    if not val_files:
+        raise InputError("no eval files: set data.val_files=[...] or INSTRUCTION_VARIANT and DATA_DIR")
+    missing = [f for f in val_files if not Path(f).is_file()]
+    if missing:
+        raise InputError(
+            f"eval file(s) {missing} not found: prepare them with `python -m opd.data.process_eval_data "
+            f"--data-dir {config.run.data_dir} --instruction-variant {variant}` (or `make data`)"
+        )
+    with open_dict(config):
+        # verl's TaskRunner always builds a training loader; point it at an eval file (never trained on).
+        config.data.train_files = val_files[:1]
+
+
+@hydra.main(config_path="config", config_name="eval", version_base=None)
+def main(config: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        check_eval_settings(config)
+        config = prepare(config, run_dir=str(run_dir))
+    except InputError as error:
+        exit_on_input_error(error)
+    import ray
+    from verl.trainer.main_ppo import run_ppo
+
+    from opd.eval_trainer import EvalTaskRunner
+
+    run_ppo(config, task_runner_class=ray.remote(num_cpus=1)(EvalTaskRunner))
+    results = json.loads((Path(config.trainer.default_local_dir) / RESULTS_FILE).read_text())
+    print(f"\n{format_table(results['results'])}\n")
+    print(f"results: {Path(config.trainer.default_local_dir).resolve()}/{{{RESULTS_FILE},generations.jsonl}}")
+
+
+if __name__ == "__main__":
+    main()
