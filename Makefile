@@ -9,7 +9,7 @@ STAMP := $(VENV)/.opd-setup-done
 # set OPD_TINY_DIR to keep them elsewhere.
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-fast lint format tiny demo bench-loss clean
+.PHONY: help setup test test-fast lint format tiny data demo bench-loss convert clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,11 +38,19 @@ format: setup ## apply ruff fixes and formatting
 tiny: setup ## build (or reuse) the tiny tokenizer, teacher, student and data; prints accuracies
 	$(PY) -m opd.tiny build
 
+data: setup ## raw math data under DATA_DIR (default ./data) -> data/grpo_processed + data/eval_processed/{boxed,dapo,none}
+	$(PY) -m opd.data.prepare_grpo_data $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+	$(PY) -m opd.data.process_eval_data --instruction-variant all $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+
 demo: setup ## the embedded default: tiny assets + a short experiment through verl on CPU, before/after table
 	$(PY) -m opd.demo
 
 bench-loss: setup ## OPD loss vs the seed's pattern at V=151,936: time, peak memory, error (a benchmark, not a test)
 	$(PY) -m opd.bench.loss --out outputs/bench/loss.json
+
+convert: setup ## verl FSDP checkpoint -> Hugging Face model: make convert CHECKPOINT=.../global_step_N[/actor] [TARGET=dir]
+	@test -n "$(CHECKPOINT)" || { echo "usage: make convert CHECKPOINT=path/to/global_step_N [TARGET=dir]" >&2; exit 2; }
+	$(PY) -m opd.checkpoint convert $(CHECKPOINT) $(if $(TARGET),--target $(TARGET))
 
 clean: ## remove caches and local outputs (keeps .venv and the tiny-asset cache)
 	rm -rf .pytest_cache .ruff_cache outputs runs

@@ -23,3 +23,76 @@ def compose_verl_config(overrides: list[str], config_name: str = "grpo_trainer")
 
     with initialize_config_module(config_module="opd.config", version_base=None):
         return compose(config_name=config_name, overrides=overrides)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_launcher_env(
+    tiny_assets: Path, data_dir: Path, output_root: Path, **variables: str
+) -> dict[str, str]:
+    """Environment for ``jobs/*.sh`` on CPU with the tiny student: the seed's variables at tiny sizes."""
+    import os
+
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MODEL_PATH", "TEACHER_MODEL_PATH", "RAY_ADDRESS")
+    }
+    env.update(
+        PLATFORM="cpu",
+        MODEL_PATH=str(tiny_assets / "student"),
+        DATA_DIR=str(data_dir),
+        OUTPUT_ROOT=str(output_root),
+        TRAIN_BATCH_SIZE="8",
+        PPO_MINI_BATCH_SIZE="8",
+        PPO_MICRO_BATCH_SIZE_PER_GPU="8",
+        LOG_PROB_MICRO_BATCH_SIZE_PER_GPU="32",
+        ROLLOUT_N="4",
+        MAX_PROMPT_LENGTH="128",
+        MAX_RESPONSE_LENGTH="24",
+        LEARNING_RATE="1e-4",
+        VAL_N="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(variables)
+    return env
+
+
+def run_launcher(script: str, env: dict[str, str], log: Path, *args: str) -> int:
+    """``bash jobs/<script> args...`` with its output in ``log``."""
+    import subprocess
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        return subprocess.run(
+            ["bash", str(REPO / "jobs" / script), *args], env=env, stdout=out, stderr=subprocess.STDOUT
+        ).returncode
+
+
+def only_run_dir(output_root: Path) -> Path:
+    """The single experiment directory a launcher created under OUTPUT_ROOT."""
+    runs = [p for p in output_root.iterdir() if p.is_dir() and (p / ".hydra").is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_raw_data(tiny_assets, tmp_path_factory) -> Path:
+    """The tiny problems in the documented raw math layout (DAPO / AIME / MATH-500 files)."""
+    from opd.tiny.raw_layout import write_raw_layout
+
+    return write_raw_layout(tiny_assets, tmp_path_factory.mktemp("raw_data"))
+
+
+@pytest.fixture(scope="session")
+def grpo_checkpoint_run(tiny_assets, tiny_raw_data, tmp_path_factory) -> Path:
+    """``bash jobs/train_grpo.sh`` (the DAPO-style recipe) for 2 steps on CPU, checkpoints at steps 1 and 2.
+
+    Returns the run directory (``OUTPUT_ROOT/<experiment name>``: ``.hydra/``, ``metrics.jsonl``,
+    ``global_step_{1,2}/actor``); shared by the GRPO and checkpoint-conversion tests."""
+    output_root = tmp_path_factory.mktemp("grpo_outputs")
+    env = tiny_launcher_env(
+        tiny_assets, tiny_raw_data, output_root, TOTAL_TRAINING_STEPS="2", SAVE_FREQ="1", TEST_FREQ="2"
+    )
+    log = output_root / "launcher.log"
+    assert run_launcher("train_grpo.sh", env, log) == 0, log.read_text()[-4000:]
+    return only_run_dir(output_root)

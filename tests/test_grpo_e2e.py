@@ -1,31 +1,41 @@
-"""CPU end-to-end: ``python -m opd.main_grpo`` through Ray, verl's FSDP workers and the ``hf`` rollout."""
+"""CPU end-to-end: the three GRPO recipes through their launchers (``bash jobs/train_grpo*.sh``), i.e.
+data preparation from the raw layout, then ``python -m opd.main_grpo experiment=...`` through Ray, verl's
+FSDP workers and the ``hf`` rollout, 2 steps each."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from opd.demo import VAL_ACCURACY, read_metrics, run_entry, tiny_grpo_overrides
+import opd.config  # noqa: F401  (resolvers for the saved config)
+from conftest import only_run_dir, run_launcher, tiny_launcher_env
+from opd.demo import read_metrics
 
 pytestmark = pytest.mark.e2e
 
+LAUNCHERS = ["train_grpo.sh", "train_grpo_native.sh", "train_grpo_native_no_kl.sh"]
 
-@pytest.fixture(scope="module")
-def grpo_run(tiny_assets, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("grpo")
-    code = run_entry(
-        "opd.main_grpo",
-        tiny_grpo_overrides(tiny_assets, run_dir, steps=2, save_freq=2),
-        run_dir / "train.log",
+
+@pytest.fixture(scope="module", params=LAUNCHERS)
+def variant_run(request, tiny_assets, tiny_raw_data, tmp_path_factory) -> tuple[str, Path]:
+    if request.param == "train_grpo.sh":  # shared with the checkpoint tests
+        return request.param, request.getfixturevalue("grpo_checkpoint_run")
+    output_root = tmp_path_factory.mktemp(request.param.removesuffix(".sh"))
+    env = tiny_launcher_env(
+        tiny_assets, tiny_raw_data, output_root, TOTAL_TRAINING_STEPS="2", SAVE_FREQ="2", TEST_FREQ="2"
     )
-    assert code == 0, (run_dir / "train.log").read_text()[-4000:]
-    return run_dir
+    log = output_root / "launcher.log"
+    assert run_launcher(request.param, env, log) == 0, log.read_text()[-4000:]
+    return request.param, only_run_dir(output_root)
 
 
-def test_two_grpo_steps_log_finite_metrics_and_save_a_checkpoint(grpo_run):
-    records = read_metrics(grpo_run)
+def test_two_steps_log_finite_metrics_validate_every_set_and_save_a_checkpoint(variant_run):
+    launcher, run_dir = variant_run
+    records = read_metrics(run_dir)
     train_steps = {r["step"]: r["data"] for r in records if "actor/pg_loss" in r["data"]}
     assert sorted(train_steps) == [1, 2]
     for step, data in train_steps.items():
@@ -36,65 +46,44 @@ def test_two_grpo_steps_log_finite_metrics_and_save_a_checkpoint(grpo_run):
             "critic/score/mean",
             "response_length/mean",
         ):
-            assert math.isfinite(data[key]), (step, key, data[key])
+            assert math.isfinite(data[key]), (launcher, step, key, data[key])
         assert data["response_length/mean"] > 0
         assert 0.0 <= data["critic/score/mean"] <= 1.0
-    # validation ran before training with the hf rollout and the boxed reward
-    assert any(VAL_ACCURACY in r["data"] for r in records if r["step"] == 0)
-    actor = grpo_run / "checkpoints" / "global_step_2" / "actor"
-    assert (actor / "model_world_size_1_rank_0.pt").is_file()
-    assert (grpo_run / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
-
-
-def test_model_merger_converts_the_checkpoint_to_a_loadable_hf_model(grpo_run, tiny_assets, tmp_path):
-    import subprocess
-    import sys
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    actor = grpo_run / "checkpoints" / "global_step_2" / "actor"
-    target = tmp_path / "merged"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "verl.model_merger",
-            "merge",
-            "--backend",
-            "fsdp",
-            "--local_dir",
-            str(actor),
-            "--target_dir",
-            str(target),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
+    sources = {"math", "aime24", "aime25"} | (
+        {"math_dapo"} if launcher != "train_grpo_native_no_kl.sh" else set()
     )
-    merged = AutoModelForCausalLM.from_pretrained(target, torch_dtype=torch.float32)
-    initial = AutoModelForCausalLM.from_pretrained(tiny_assets / "student", torch_dtype=torch.float32)
-    merged_state, initial_state = merged.state_dict(), initial.state_dict()
-    assert merged_state.keys() == initial_state.keys()
-    assert all(torch.isfinite(t).all() for t in merged_state.values())
-    changed = [k for k in merged_state if not torch.equal(merged_state[k], initial_state[k])]
-    assert changed, "two optimizer steps left every weight unchanged"
-    # the sharded training weights and the merged HF weights are the same model, in the merged dtype
-    saved = AutoModelForCausalLM.from_pretrained(target, torch_dtype="auto").state_dict()
-    shard = torch.load(actor / "model_world_size_1_rank_0.pt", weights_only=False)
-    for name, tensor in shard.items():
-        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-        assert torch.equal(local.to(saved[name].dtype), saved[name]), name
-    tokenizer = AutoTokenizer.from_pretrained(target)
-    prompt = tokenizer.apply_chat_template(
-        [
-            {
-                "role": "user",
-                "content": "Ava has 12 coins and finds 30 more. How many coins does Ava have now?",
-            }
-        ],
-        add_generation_prompt=True,
-        return_tensors="pt",
-    )
-    out = merged.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert "boxed" in tokenizer.decode(out[0, prompt.shape[1] :])
+    for step in (0, 2):  # before training and at the last step (TEST_FREQ=2)
+        validated = {
+            k.split("/")[1]
+            for r in records
+            if r["step"] == step
+            for k in r["data"]
+            if k.startswith("val-core/")
+        }
+        assert validated == sources, (launcher, step, validated)
+        generations = (run_dir / "validation" / f"{step}.jsonl").read_text().splitlines()
+        assert len(generations) == 13 * (launcher != "train_grpo_native_no_kl.sh") + 3 * 8
+        assert {"input", "output", "score", "acc", "pred"} <= json.loads(generations[0]).keys()
+    assert (run_dir / "global_step_2" / "actor" / "model_world_size_1_rank_0.pt").is_file()
+    assert (run_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+
+
+def test_each_recipe_trains_with_its_own_settings(variant_run):
+    launcher, run_dir = variant_run
+    config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    actor = config.actor_rollout_ref.actor
+    train_steps = [r["data"] for r in read_metrics(run_dir) if "actor/pg_loss" in r["data"]]
+    assert config.reward.custom_reward_function.path == "pkg://opd.rewards.math_reward"
+    if launcher == "train_grpo.sh":
+        assert (actor.clip_ratio_low, actor.clip_ratio_high, actor.clip_ratio_c) == (0.2, 0.28, 10.0)
+        assert actor.use_dynamic_bsz and actor.ppo_max_token_len_per_gpu == (128 + 24) * 2
+        assert config.actor_rollout_ref.ref.log_prob_max_token_len_per_gpu == (128 + 24) * 3
+    if launcher == "train_grpo_native.sh":
+        assert actor.use_kl_loss and actor.kl_loss_coef == 0.001 and actor.kl_loss_type == "low_var_kl"
+        assert all(math.isfinite(step["actor/kl_loss"]) for step in train_steps)
+        assert train_steps[-1]["actor/kl_loss"] > 0  # step 2's policy has moved away from the reference
+        assert not actor.use_dynamic_bsz
+    else:
+        assert not actor.use_kl_loss
+        assert all(step.get("actor/kl_loss", 0.0) == 0.0 for step in train_steps)  # verl logs 0 without KL
+    assert run_dir.name.startswith("student-local-GRPO")

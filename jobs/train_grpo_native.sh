@@ -1,0 +1,19 @@
+#!/bin/bash
+#SBATCH --job-name=train_grpo_native
+# Native GRPO with a KL loss (low_var_kl, 0.001): recipe src/opd/config/experiment/grpo_native.yaml over python -m opd.main_grpo.
+#   MODEL_PATH=/path/to/model [MODEL_NAME=name] bash jobs/train_grpo_native.sh [hydra overrides...]
+#   sbatch --nodes=1 --gpus-per-node=8 jobs/train_grpo_native.sh   (sbatch exports the variables to the job)
+# Prepares data/grpo_processed from the raw files under DATA_DIR first. Variables: README, "Launcher
+# variables"; unset ones keep the recipe's defaults; arguments are Hydra overrides applied last.
+
+for OPD_REPO in "${OPD_REPO:-}" "$(dirname "${BASH_SOURCE[0]}")/.." "${SLURM_SUBMIT_DIR:-}" ""; do [[ -f "$OPD_REPO/jobs/lib/common.sh" ]] && break; done
+[[ -n "$OPD_REPO" ]] || { echo "error: $(basename "$0"): cannot find the opd repository (sbatch runs a copy of this script): set OPD_REPO=/path/to/opd" >&2; exit 2; }
+source "$OPD_REPO/jobs/lib/common.sh"
+
+require MODEL_PATH
+platform
+map_training_variables
+map KL_LOSS_COEF actor_rollout_ref.actor.kl_loss_coef \
+    KL_LOSS_TYPE actor_rollout_ref.actor.kl_loss_type
+prepare_grpo_data
+run opd.main_grpo experiment=grpo_native "${OVERRIDES[@]}" "$@"
