@@ -28,14 +28,6 @@ VAL_ACCURACY = "val-core/tiny_arith/acc/mean@1"
 DIVERGENCE = "opd/divergence"
 
 
-def tiny_grpo_overrides(assets: Path, run_dir: Path, steps: int, save_freq: int = -1, test_freq: int = -1):
-    """verl overrides for a small GRPO run of the tiny student on CPU (one training process)."""
-    return [
-        *tiny_run_overrides(assets, run_dir, steps, save_freq, test_freq),
-        "trainer.experiment_name=tiny_grpo",
-    ]
-
-
 def tiny_opd_overrides(assets: Path, run_dir: Path, steps: int, save_freq: int = -1, test_freq: int = -1):
     """verl + opd overrides for a small OPD run (student distilled from the tiny teacher) on CPU."""
     return [
