@@ -9,7 +9,8 @@ STAMP := $(VENV)/.opd-setup-done
 # set OPD_TINY_DIR to keep them elsewhere.
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-fast lint format tiny data demo bench-loss convert clean
+.PHONY: help setup test test-fast lint format tiny tiny-data data demo bench-loss convert \
+	slurm-up slurm-down sweep-opd sweep-grpo submit status clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,6 +39,9 @@ format: setup ## apply ruff fixes and formatting
 tiny: setup ## build (or reuse) the tiny tokenizer, teacher, student and data; prints accuracies
 	$(PY) -m opd.tiny build
 
+tiny-data: setup ## tiny problems in the math layout, processed, under DATA_DIR (default outputs/tiny_data): tiny_* experiments
+	$(PY) -m opd.tiny data $(or $(DATA_DIR),outputs/tiny_data)
+
 data: setup ## raw math data under DATA_DIR (default ./data) -> data/grpo_processed + data/eval_processed/{boxed,dapo,none}
 	$(PY) -m opd.data.prepare_grpo_data $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 	$(PY) -m opd.data.process_eval_data --instruction-variant all $(if $(DATA_DIR),--data-dir $(DATA_DIR))
@@ -51,6 +55,29 @@ bench-loss: setup ## OPD loss vs the seed's pattern at V=151,936: time, peak mem
 convert: setup ## verl FSDP checkpoint -> Hugging Face model: make convert CHECKPOINT=.../global_step_N[/actor] [TARGET=dir]
 	@test -n "$(CHECKPOINT)" || { echo "usage: make convert CHECKPOINT=path/to/global_step_N [TARGET=dir]" >&2; exit 2; }
 	$(PY) -m opd.checkpoint convert $(CHECKPOINT) $(if $(TARGET),--target $(TARGET))
+
+# --- SLURM (configs/ is the login side; README "Running on SLURM") ---------------------------------------
+# EXP: configs/experiment/<EXP>.yaml; SWEEP: configs/sweep/<SWEEP>.yaml; ARGS: more Hydra overrides,
+# e.g. ARGS='cluster=example_site resources=gpu_2x8 verl.data.seed=1,2'.
+slurm-up: setup ## start a real single-host SLURM cluster (slurmctld, 2 slurmd, munge, slurmdbd + MariaDB); idempotent
+	$(PY) -m opd.launch.local_slurm up
+
+slurm-down: setup ## stop the daemons slurm-up started (by pid)
+	$(PY) -m opd.launch.local_slurm down
+
+sweep-opd: setup ## OPD sweep, one SLURM job per point; returns with the job ids: [EXP=opd] [SWEEP=opd_loss_x_beta] [ARGS=...]
+	$(PY) -m opd.launch.sweep experiment=$(or $(EXP),opd) sweep=$(or $(SWEEP),opd_loss_x_beta) $(ARGS)
+
+sweep-grpo: setup ## GRPO sweep, one SLURM job per point: [EXP=grpo] [SWEEP=learning_rates] [ARGS=...]
+	$(PY) -m opd.launch.sweep experiment=$(or $(EXP),grpo) sweep=$(or $(SWEEP),learning_rates) $(ARGS)
+
+submit: setup ## one run with plain sbatch (RUN_DIR/rerun.sbatch): make submit EXP=opd [ARGS=...]
+	@test -n "$(EXP)" || { echo "usage: make submit EXP=<configs/experiment name> [ARGS='overrides']" >&2; exit 2; }
+	$(PY) -m opd.launch.submit experiment=$(EXP) $(ARGS)
+
+status: setup ## job states of a sweep or run from sacct: make status SWEEP=<dir printed by sweep-*/submit>
+	@test -n "$(SWEEP)" || { echo "usage: make status SWEEP=<sweep or run directory>" >&2; exit 2; }
+	$(PY) -m opd.launch.status $(SWEEP)
 
 clean: ## remove caches and local outputs (keeps .venv and the tiny-asset cache)
 	rm -rf .pytest_cache .ruff_cache outputs runs

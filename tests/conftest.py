@@ -96,3 +96,26 @@ def grpo_checkpoint_run(tiny_assets, tiny_raw_data, tmp_path_factory) -> Path:
     log = output_root / "launcher.log"
     assert run_launcher("train_grpo.sh", env, log) == 0, log.read_text()[-4000:]
     return only_run_dir(output_root)
+
+
+@pytest.fixture(scope="session")
+def tiny_math_data(tiny_assets, tmp_path_factory) -> Path:
+    """DATA_DIR for the tiny_* math experiments: raw layout plus grpo_processed/ and eval_processed/."""
+    from opd.tiny.__main__ import write_tiny_math_data
+
+    data_dir = tmp_path_factory.mktemp("tiny_math_data")
+    assert write_tiny_math_data(data_dir) == 0
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Path:
+    """The local SLURM cluster (``make slurm-up``), started if it is not up; returns its slurm.conf.
+
+    Stopped at the end only if this session started it: a cluster someone brought up stays up."""
+    from opd.launch import local_slurm
+
+    state = local_slurm.up()
+    yield Path(state["slurm_conf"])
+    if state["started"]:
+        local_slurm.down()

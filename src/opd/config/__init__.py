@@ -30,8 +30,16 @@ def _product(*factors) -> int:
     return math.prod(int(f) for f in factors)
 
 
+def _tiny_dir(name: str = "") -> str:
+    """Where the tiny assets live (``opd.tiny.default_dir``), e.g. ``${opd.tiny_dir:student}``."""
+    from opd.tiny import default_dir
+
+    return str(default_dir() / name)
+
+
 def register_resolvers() -> None:
     for name, fn in (
+        ("opd.tiny_dir", _tiny_dir),
         ("opd.basename", _basename),
         ("opd.safe_name", _safe_name),
         ("opd.token_cap", _token_cap),

@@ -1,7 +1,10 @@
 """python -m opd.tiny build [OUT_DIR] [--seed 0] [--force]
+python -m opd.tiny data DATA_DIR
 
-Build (or reuse) the tiny offline assets: tokenizer, arithmetic parquet data, teacher and student models.
-Without OUT_DIR the assets go to $OPD_TINY_DIR, else ~/.cache/opd/tiny/<key>.
+``build``: build (or reuse) the tiny offline assets: tokenizer, arithmetic parquet data, teacher and
+student models. Without OUT_DIR the assets go to $OPD_TINY_DIR, else ~/.cache/opd/tiny/<key>.
+``data``: the tiny problems in the math recipes' raw layout under DATA_DIR, processed like `make data`
+(grpo_processed/, eval_processed/<variant>/), so every math experiment runs at tiny size with DATA_DIR.
 """
 
 from __future__ import annotations
@@ -27,13 +30,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     build_parser.add_argument("--seed", type=int, default=0, help="seed for data, tokenizer and training")
     build_parser.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
+    data_parser = commands.add_parser("data", help="tiny problems in the math layout, processed")
+    data_parser.add_argument("data_dir", type=Path, help="becomes DATA_DIR of tiny math runs")
     args = parser.parse_args(argv)
+    if args.command == "data":
+        return write_tiny_math_data(args.data_dir)
     out_dir = args.out_dir if args.out_dir is not None else default_dir(args.seed)
     try:
         build(out_dir, seed=args.seed, force=args.force)
     except FileExistsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    return 0
+
+
+def write_tiny_math_data(data_dir: Path) -> int:
+    from opd.data.prepare_grpo_data import prepare_grpo_data
+    from opd.data.process_eval_data import process_eval_data
+    from opd.tiny.raw_layout import write_raw_layout
+
+    assets = default_dir()
+    build(assets)
+    write_raw_layout(assets, data_dir)
+    prepare_grpo_data(data_dir)
+    process_eval_data(data_dir, variant="all")
+    print(f"tiny math data: {data_dir}/{{grpo_processed,eval_processed}} (export DATA_DIR={data_dir})")
     return 0
 
 

@@ -1,0 +1,292 @@
+"""srun --ntasks-per-node=1 python -m opd.launch.node RUN_DIR
+
+The in-job side, started once per node of the allocation (by ``rerun.sbatch`` or by the submitit
+launcher's job): node 0 starts the job's Ray head, every other node joins it, node 0 waits until all
+nodes are in, then runs the experiment's entry point on the run directory's resolved config with an
+explicit ``RAY_ADDRESS``. Any node leaving fails the job with the node's name and log; teardown stops
+only the processes this job started. Logs of each attempt (restart) stay in ``RUN_DIR/logs/<job>.<n>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from opd.launch.ray_cluster import (
+    ClusterError,
+    JobIdentity,
+    alive_nodes,
+    free_ports,
+    ray_env,
+    ray_start_command,
+    start_ray,
+    stop_ray,
+    wait_for,
+    write_token,
+)
+
+HEAD_TIMEOUT_S = float(os.environ.get("OPD_RAY_HEAD_TIMEOUT_S", 180))
+JOIN_TIMEOUT_S = float(os.environ.get("OPD_RAY_JOIN_TIMEOUT_S", 600))
+NODE_CHECK_INTERVAL_S = 5.0
+
+
+class JobFailed(RuntimeError):
+    """The experiment exited non-zero; the message names the log with its error."""
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def _say(message: str) -> None:
+    print(f"[opd.launch.node {socket.gethostname()}] {message}", flush=True)
+
+
+class Node:
+    """One node's part of one attempt of a job."""
+
+    def __init__(self, run_dir: Path):
+        from omegaconf import OmegaConf
+
+        self.run_dir = run_dir.resolve()
+        self.launch = OmegaConf.load(self.run_dir / "launch.yaml")
+        self.trainer = OmegaConf.load(self.run_dir / "config.yaml").trainer
+        self.job = JobIdentity.from_env()
+        self.attempt_dir = self.run_dir / "logs" / self.job.tag
+        self.attempt_dir.mkdir(parents=True, exist_ok=True)
+        self.rank = self.job.node_rank
+        self.log = self.attempt_dir / f"node{self.rank}.log"
+        self.token = self.attempt_dir / "ray_token"
+        self.head_file = self.attempt_dir / "head.json"
+        self.done_file = self.attempt_dir / "done.json"
+        # Unix socket paths are limited to 107 bytes: keep Ray's temp dir short, one per node and attempt.
+        self.temp_dir = f"/tmp/opd-{self.job.tag}.{self.rank}"
+        self.ray_process: subprocess.Popen | None = None
+        self.driver: subprocess.Popen | None = None
+        self.ray = str(Path(sys.executable).with_name("ray"))
+
+    def resources(self) -> dict:
+        """Ray resources of this node. On CPU verl needs logical GPUs and a ``cpu`` resource per worker."""
+        cpus = os.environ.get("SLURM_CPUS_ON_NODE")
+        if self.trainer.device == "cpu":
+            workers = int(self.trainer.n_gpus_per_node)
+            # verl's placement bundles ask for 3 logical CPUs per worker: logical, not physical cores.
+            return {"num_cpus": max(8, 3 * workers + 4), "num_gpus": workers, "resources": {"cpu": workers}}
+        return {"num_cpus": int(cpus) if cpus else None}
+
+    def check_allocation(self) -> None:
+        """Resources are stated once (configs/resources): the allocation must be what the config says."""
+        expected = int(self.trainer.nnodes)
+        if self.job.nnodes != expected:
+            raise ClusterError(
+                f"the job has {self.job.nnodes} node(s) but the run's config says trainer.nnodes={expected}: "
+                f"submit with `sbatch {self.run_dir}/rerun.sbatch` (its --nodes matches) or recompose the run"
+            )
+
+    def finished_step(self) -> int | None:
+        """The last checkpointed step if the run already reached trainer.total_training_steps.
+
+        verl resumes at checkpoint + 1 and would train one step past the end of a finished run, so a
+        finished run (a rerun, or a requeue racing the end) starts nothing."""
+        marker = self.run_dir / "latest_checkpointed_iteration.txt"
+        total = self.trainer.get("total_training_steps")
+        if total is None or not marker.exists():
+            return None
+        step = int(marker.read_text().strip() or 0)
+        return step if step >= int(total) else None
+
+    # --- node 0 -------------------------------------------------------------------------------------
+    def run_head(self) -> int:
+        step = self.finished_step()
+        if step is not None:
+            _say(
+                f"run already complete (checkpoint at step {step} of {self.trainer.total_training_steps}): "
+                "nothing to train. To repeat it from scratch, submit it anew with the login overrides in "
+                f"{self.run_dir / 'overrides.txt'} (make submit EXP=... ARGS=...)"
+            )
+            return 0
+        write_token(self.token)
+        ports = free_ports(self.job.job_id, self.rank, head=True)
+        command = ray_start_command(self.ray, ports, self.temp_dir, None, self.resources())
+        _say(f"job {self.job.tag}: starting the Ray head (GCS port {ports['port']}), log {self.log}")
+        self.ray_process = start_ray(command, ray_env(self.token), self.log)
+        local = f"127.0.0.1:{ports['port']}"
+        nodes = wait_for(
+            "the Ray head",
+            lambda: alive_nodes(local, self.token),
+            HEAD_TIMEOUT_S,
+            str(self.log),
+            check_alive=self.check_own_ray,
+        )
+        address = f"{next(iter(nodes.values()))}:{ports['port']}"
+        _write_json(
+            self.head_file,
+            {"address": address, "host": socket.gethostname(), "ports": ports, "temp_dir": self.temp_dir},
+        )
+        if self.job.nnodes > 1:
+            _say(f"waiting for {self.job.nnodes - 1} more node(s) to join {address}")
+            wait_for(
+                f"{self.job.nnodes} nodes in the Ray cluster",
+                lambda: len(alive_nodes(local, self.token)) >= self.job.nnodes,
+                JOIN_TIMEOUT_S,
+                f"{self.attempt_dir}/node*.log",
+                check_alive=self.check_head_side,
+            )
+        _say(f"Ray cluster up: {self.job.nnodes} node(s) at {address}")
+        return self.run_driver(address, local)
+
+    def run_driver(self, address: str, local: str) -> int:
+        entry = self.launch.experiment.entry
+        command = [
+            sys.executable, "-m", entry,
+            "--config-path", str(self.run_dir), "--config-name", "config",
+            f"hydra.run.dir={self.run_dir}",
+            f"hydra.output_subdir=logs/{self.job.tag}/hydra",
+        ]  # fmt: skip
+        driver_log = self.attempt_dir / "driver.log"
+        _say(f"running {entry}; log {driver_log}")
+        env = ray_env(self.token, address)
+        env["PYTHONUNBUFFERED"] = "1"
+        self.driver = subprocess.Popen(
+            command, env=env, cwd=self.run_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, text=True, start_new_session=True,
+        )  # fmt: skip
+        copier = threading.Thread(target=_tee, args=(self.driver.stdout, driver_log), daemon=True)
+        copier.start()
+        next_check = time.monotonic() + NODE_CHECK_INTERVAL_S
+        while self.driver.poll() is None:
+            time.sleep(0.5)
+            self.check_own_ray()
+            if self.job.nnodes > 1 and time.monotonic() >= next_check:
+                next_check = time.monotonic() + NODE_CHECK_INTERVAL_S
+                if len(alive_nodes(local, self.token)) < self.job.nnodes:
+                    raise ClusterError(self.lost_node_message())
+        copier.join(timeout=10)
+        code = self.driver.returncode
+        if code != 0:
+            raise JobFailed(f"{entry} exited with code {code}: the error is at the end of {driver_log}")
+        return 0
+
+    def check_head_side(self) -> None:
+        self.check_own_ray()
+        for failed in sorted(self.attempt_dir.glob("node*.failed")):
+            raise ClusterError(failed.read_text().strip())
+
+    def lost_node_message(self) -> str:
+        for failed in sorted(self.attempt_dir.glob("node*.failed")):
+            return failed.read_text().strip()
+        logs = ", ".join(str(p) for p in sorted(self.attempt_dir.glob("node*.log")) if p != self.log)
+        return f"a node left the Ray cluster (its host may have died); node logs: {logs}"
+
+    # --- other nodes --------------------------------------------------------------------------------
+    def run_worker(self) -> int:
+        def head_or_done():
+            if self.head_file.exists():
+                return json.loads(self.head_file.read_text())
+            return {"done": True} if self.done_file.exists() else None
+
+        head = wait_for(
+            "the Ray head's address",
+            head_or_done,
+            HEAD_TIMEOUT_S + JOIN_TIMEOUT_S,
+            f"{self.attempt_dir}/node0.log",
+        )
+        if "done" in head:  # node 0 had nothing to run (finished run) or failed before starting Ray
+            return json.loads(self.done_file.read_text()).get("code", 0)
+        ports = free_ports(self.job.job_id, self.rank, head=False)
+        command = ray_start_command(self.ray, ports, self.temp_dir, head["address"], self.resources())
+        _say(f"node {self.rank}: joining {head['address']}, log {self.log}")
+        self.ray_process = start_ray(command, ray_env(self.token), self.log)
+        while not self.done_file.exists():
+            time.sleep(0.5)
+            if self.ray_process.poll() is not None and not self.done_file.exists():
+                message = (
+                    f"node {self.rank} ({socket.gethostname()}): Ray exited with code "
+                    f"{self.ray_process.returncode}; its log: {self.log}"
+                )
+                (self.attempt_dir / f"node{self.rank}.failed").write_text(message + "\n")
+                raise ClusterError(message)
+        return json.loads(self.done_file.read_text()).get("code", 0)
+
+    def check_own_ray(self) -> None:
+        if self.ray_process is not None and self.ray_process.poll() is not None:
+            raise ClusterError(
+                f"node {self.rank} ({socket.gethostname()}): Ray exited with code "
+                f"{self.ray_process.returncode}; its log: {self.log}"
+            )
+
+    # --- all nodes ----------------------------------------------------------------------------------
+    def run(self) -> int:
+        self.check_allocation()
+        code = 1
+        try:
+            code = self.run_head() if self.rank == 0 else self.run_worker()
+            return code
+        finally:
+            if self.rank == 0:
+                _write_json(self.done_file, {"code": code})
+            if self.driver is not None and self.driver.poll() is None:
+                stop_ray(self.driver)  # the driver's own process group (start_new_session)
+            stop_ray(self.ray_process)
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _tee(stream, path: Path) -> None:
+    with open(path, "a") as log:
+        for line in stream:
+            log.write(line)
+            log.flush()
+            sys.stdout.write(line)
+        sys.stdout.flush()
+
+
+def _raise_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def run(run_dir: str | Path) -> int:
+    """Run this node's part; raise (ClusterError, JobFailed) with a message naming the node and log.
+
+    SIGTERM (scancel, requeue, preemption) unwinds through the teardown, so the job's Ray processes
+    never outlive it as orphans that SLURM no longer tracks."""
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        return Node(Path(run_dir)).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _requeue_on_usr2(signum, frame):
+    """rerun.sbatch asks for SIGUSR2 before the walltime (--signal): requeue the job, which resumes from
+    its last checkpoint. (Under submitit, submitit's own handler does this.)"""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and int(os.environ.get("SLURM_NODEID", 0)) == 0:
+        _say(f"SIGUSR2 (walltime near): requeueing job {job}; it resumes from its last checkpoint")
+        subprocess.run(["scontrol", "requeue", job], timeout=60, check=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: python -m opd.launch.node RUN_DIR", file=sys.stderr)
+        sys.exit(2)
+    signal.signal(signal.SIGUSR2, _requeue_on_usr2)
+    try:
+        sys.exit(run(argv[0]))
+    except (ClusterError, JobFailed) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

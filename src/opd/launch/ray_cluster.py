@@ -1,0 +1,228 @@
+"""One Ray cluster per SLURM job: pinned ports, private temp dir and auth token, readiness by deadline.
+
+Started by ``opd.launch.node`` on every node of an allocation. Shared hosts are the norm on clusters
+(several jobs, several users per node), so nothing here uses Ray's defaults that collide there:
+fixed default ports (6379, 8265, 10001, random worker ports), ``/tmp/ray`` and ``~/.ray/auth_token``,
+``address='auto'`` and ``ray stop``. Ray is imported only inside functions (login nodes may lack it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+LOWEST_PORT = 10000
+# Two slots per band so that two "nodes" of one job on the same host (the test cluster) never share
+# ports; nodes on distinct hosts (real clusters) cannot collide anyway.
+SLOTS_PER_BAND = 2
+SLOT_SIZE = 256
+BAND_SIZE = SLOTS_PER_BAND * SLOT_SIZE
+# Offsets inside a node's slot; worker processes (one port each) take the rest.
+PORT_OFFSETS = {
+    "port": 0,  # GCS (head only)
+    "node-manager-port": 1,
+    "object-manager-port": 2,
+    "runtime-env-agent-port": 3,
+    "dashboard-agent-grpc-port": 4,
+    "dashboard-agent-listen-port": 5,
+    "metrics-export-port": 6,
+    "ray-client-server-port": 7,  # head only
+    "dashboard-port": 8,  # head only: --include-dashboard=false still starts a minimal dashboard process
+}
+FIRST_WORKER_OFFSET = 16
+HEAD_ONLY = {"port", "ray-client-server-port", "dashboard-port"}
+
+
+class ClusterError(RuntimeError):
+    """The job's Ray cluster could not be brought up or lost a node; the message says which and where."""
+
+
+def ephemeral_low() -> int:
+    """Ports at or above this are handed out by the kernel for outgoing connections: stay below."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def band_count() -> int:
+    return (ephemeral_low() - LOWEST_PORT) // BAND_SIZE
+
+
+def slot_ports(job_id: int, node_rank: int, shift: int = 0) -> dict[str, int]:
+    """Ports of one node: band ``(job_id + shift) mod bands``, slot ``node_rank mod 2``."""
+    band = (job_id + shift) % band_count()
+    base = LOWEST_PORT + band * BAND_SIZE + (node_rank % SLOTS_PER_BAND) * SLOT_SIZE
+    ports = {name: base + offset for name, offset in PORT_OFFSETS.items()}
+    ports["min-worker-port"] = base + FIRST_WORKER_OFFSET
+    ports["max-worker-port"] = base + SLOT_SIZE - 1
+    return ports
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(job_id: int, node_rank: int, head: bool) -> dict[str, int]:
+    """The job's own band if its ports are free on this host, else the next free band.
+
+    Job ids that differ by a multiple of the band count map to the same band; probing turns that rare
+    aliasing into a shift instead of a collision."""
+    for shift in range(band_count()):
+        ports = slot_ports(job_id, node_rank, shift)
+        fixed = [p for name, p in ports.items() if name in PORT_OFFSETS and (head or name not in HEAD_ONLY)]
+        workers = range(ports["min-worker-port"], ports["max-worker-port"] + 1)
+        if all(_port_free(p) for p in [*fixed, *workers]):
+            return ports
+    raise ClusterError(f"no free Ray port band below {ephemeral_low()} on {socket.gethostname()}")
+
+
+@dataclass
+class JobIdentity:
+    """Who this process is inside the allocation (SLURM's variables; a plain local run is job pid, 1 node)."""
+
+    job_id: int
+    node_rank: int
+    nnodes: int
+    attempt: int
+
+    @classmethod
+    def from_env(cls) -> JobIdentity:
+        env = os.environ
+        return cls(
+            job_id=int(env.get("SLURM_JOB_ID") or env.get("OPD_JOB_ID") or os.getpid()),
+            node_rank=int(env.get("SLURM_NODEID", 0)),
+            nnodes=int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", 1))),
+            attempt=int(env.get("SLURM_RESTART_COUNT", 0)),
+        )
+
+    @property
+    def tag(self) -> str:
+        """``<job id>.<restart count>``: one log directory per attempt of a job."""
+        return f"{self.job_id}.{self.attempt}"
+
+
+def write_token(path: Path) -> None:
+    """A per-job Ray auth token, readable by the job's user only (the run dir is shared with the nodes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(32))
+
+
+def ray_env(token_path: Path, address: str | None = None) -> dict[str, str]:
+    """Environment for ray start and the driver: token auth from the job's file, never ~/.ray."""
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
+    env.pop("RAY_AUTH_TOKEN", None)
+    env.pop("RAY_ADDRESS", None)
+    if address:
+        env["RAY_ADDRESS"] = address
+    # Usage-stats reporting would try the network from compute nodes that often have none.
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    return env
+
+
+def ray_start_command(
+    ray: str, ports: dict[str, int], temp_dir: str, head_address: str | None, resources: dict
+) -> list[str]:
+    """``ray start --block`` with every port pinned; ``head_address=None`` starts the head."""
+    command = [ray, "start", "--block", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    if head_address is None:
+        command += ["--head", "--include-dashboard=false"]
+    else:
+        command += [f"--address={head_address}"]
+    for name, port in ports.items():
+        if head_address is None or name not in HEAD_ONLY:
+            command.append(f"--{name}={port}")
+    if resources.get("num_cpus") is not None:
+        command.append(f"--num-cpus={resources['num_cpus']}")
+    if resources.get("num_gpus") is not None:
+        command.append(f"--num-gpus={resources['num_gpus']}")
+    if resources.get("resources"):
+        command.append(f"--resources={json.dumps(resources['resources'])}")
+    return command
+
+
+def start_ray(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """Run ``ray start --block`` in its own process group, so teardown can stop exactly its processes."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "a")  # noqa: SIM115  (owned by the child; closed when this process exits)
+    return subprocess.Popen(
+        command,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def stop_ray(process: subprocess.Popen | None, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group started by ``start_ray`` then SIGKILL what is left after ``grace_s``.
+
+    ``ray start --block`` alone drains for up to 30 s after SIGTERM and leaves GCS behind if killed;
+    signalling the whole group stops raylet, GCS and workers together."""
+    if process is None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if process.poll() is not None and not _group_alive(process.pid):
+                return
+            time.sleep(0.2)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def alive_nodes(address: str, token_path: Path) -> dict[str, str]:
+    """node id -> node address of the nodes GCS reports alive (GCS only: no driver is started)."""
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
+    from ray._raylet import GcsClient  # pinned Ray (constraints); the public state API needs a dashboard
+
+    info = GcsClient(address=address).get_all_node_info(timeout=5)
+    return {node_id.hex(): f"{n.node_manager_address}" for node_id, n in info.items() if n.state == 0}
+
+
+def wait_for(what: str, ready, deadline_s: float, log_hint: str, poll_s: float = 0.5, check_alive=None):
+    """Poll ``ready()`` until it returns something truthy; raise ClusterError naming ``what`` at the deadline.
+
+    ``check_alive()`` may raise to fail fast (a process that readiness depends on has died)."""
+    deadline = time.monotonic() + deadline_s
+    last_error = None
+    while time.monotonic() < deadline:
+        if check_alive is not None:
+            check_alive()
+        try:
+            result = ready()
+            if result:
+                return result
+        except Exception as error:  # GCS not up yet: retried until the deadline
+            last_error = error
+        time.sleep(poll_s)
+    detail = f" (last error: {last_error})" if last_error else ""
+    raise ClusterError(f"timed out after {deadline_s:.0f} s waiting for {what}{detail}; see {log_hint}")

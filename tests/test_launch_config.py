@@ -1,0 +1,163 @@
+"""The login side without a cluster: every experiment and sweep composes (login and verl side),
+resources flow to the scheduler and to verl from one place, overrides survive Hydra's grammar, and the
+per-job Ray port bands never overlap."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from conftest import compose_verl_config
+from opd.launch import CONFIGS
+from opd.launch.compose import ENTRY_CONFIGS
+from opd.launch.ray_cluster import BAND_SIZE, ephemeral_low, free_ports, ray_start_command, slot_ports
+from opd.launch.rundir import SubmissionError, _value, login_values, sbatch_options, verl_overrides
+from opd.launch.sweep import hydra_arguments
+from opd.tiny import default_dir
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIGS) / "experiment").glob("*.yaml"))
+SWEEPS = sorted(p.stem for p in (Path(CONFIGS) / "sweep").glob("*.yaml"))
+
+
+def login(*overrides: str):
+    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+        return compose(config_name="launch", overrides=list(overrides), return_hydra_config=True)
+
+
+@pytest.fixture
+def model_env(monkeypatch):
+    monkeypatch.setenv("MODEL_PATH", "/models/student")
+    monkeypatch.setenv("TEACHER_MODEL_PATH", "/models/teacher")
+
+
+def test_every_seed_experiment_has_a_tiny_cpu_variant():
+    full = {"grpo", "grpo_native", "grpo_native_no_kl", "opd", "eval"}
+    assert full | {f"tiny_{name}" for name in full} <= set(EXPERIMENTS)
+    for name in full:
+        assert login(f"experiment=tiny_{name}").resources.platform == "cpu"
+        assert login(f"experiment={name}").resources.platform == "gpu"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_on_both_sides_with_resources_stated_once(experiment, model_env, tmp_path):
+    cfg = login(f"experiment={experiment}", "resources=gpu_2x8")
+    overrides = verl_overrides(cfg, tmp_path)
+    verl = compose_verl_config(overrides, ENTRY_CONFIGS[cfg.experiment.entry])
+    # one statement of the resources reaches verl, sbatch and the submitit launcher alike
+    assert verl.trainer.nnodes == cfg.resources.nodes == cfg.hydra.launcher.nodes == 2
+    assert (
+        verl.trainer.n_gpus_per_node == cfg.resources.gpus_per_node == cfg.hydra.launcher.gpus_per_node == 8
+    )
+    options = sbatch_options(
+        {k: login_values(cfg, k) for k in ("experiment", "resources", "cluster")}, tmp_path
+    )
+    assert "#SBATCH --nodes=2" in options and "#SBATCH --gpus-per-node=8" in options
+    assert verl.trainer.default_local_dir == str(tmp_path)
+    expected_model = (
+        "/models/student" if not experiment.startswith("tiny_") else str(default_dir() / "student")
+    )
+    assert verl.actor_rollout_ref.model.path == expected_model
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_sweep_points_compose_for_their_experiment(sweep, model_env, tmp_path):
+    experiment = {"opd_loss_x_beta": "opd", "tiny_opd": "tiny_opd", "tiny_grpo": "tiny_grpo"}.get(
+        sweep, "grpo"
+    )
+    cfg = login(f"experiment={experiment}", f"sweep={sweep}")
+    params = cfg.hydra.sweeper.params or {}
+    assert sweep == "none" or params, "a sweep file must vary something"
+    # every value of every swept key composes on the verl side (the first values of the other keys)
+    for key, values in params.items():
+        for value in str(values).split(","):
+            point = login(f"experiment={experiment}", f"{key}={value}")
+            verl = compose_verl_config(verl_overrides(point, tmp_path), ENTRY_CONFIGS[point.experiment.entry])
+            dotted = key.removeprefix("++verl.")
+            assert str(verl_select(verl, dotted)) == str(_parsed(value))
+
+
+def verl_select(config, dotted: str):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(config, dotted)
+
+
+def _parsed(value: str):
+    return OverridesParser.create().parse_overrides([f"x={value}"])[0].value()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "plain",
+        "/a/path-with.dots",
+        "with space",
+        "a,comma",
+        "quote'inside",
+        "back\\slash",
+        "end\\",
+        "a\\'b",
+        "null",
+        3,
+        1e-06,
+        True,
+        None,
+    ],
+)
+def test_override_values_survive_hydras_grammar(value):
+    assert _parsed(_value(value)) == value
+
+
+def test_missing_environment_variable_is_named_with_the_fix(monkeypatch, tmp_path):
+    monkeypatch.delenv("TEACHER_MODEL_PATH", raising=False)
+    monkeypatch.setenv("MODEL_PATH", "/models/student")
+    with pytest.raises(SubmissionError, match="needs TEACHER_MODEL_PATH: export TEACHER_MODEL_PATH"):
+        verl_overrides(login("experiment=opd"), tmp_path)
+
+
+def test_verl_arguments_are_added_to_the_login_configs_verl_node():
+    assert hydra_arguments(["verl.opd.loss_type=jsd,forward_kl", "cluster=ci", "++verl.x=1"]) == [
+        "++verl.opd.loss_type=jsd,forward_kl",
+        "cluster=ci",
+        "++verl.x=1",
+    ]
+
+
+def _all_ports(ports: dict) -> set[int]:
+    fixed = {p for name, p in ports.items() if not name.endswith("worker-port")}
+    return fixed | set(range(ports["min-worker-port"], ports["max-worker-port"] + 1))
+
+
+def test_port_bands_of_neighbouring_jobs_and_nodes_are_disjoint_and_below_the_ephemeral_range():
+    jobs = [slot_ports(job, node) for job in (1000, 1001, 1002) for node in (0, 1)]
+    sets = [_all_ports(p) for p in jobs]
+    for i, a in enumerate(sets):
+        assert max(a) < ephemeral_low() and min(a) >= 10000
+        for b in sets[i + 1 :]:
+            assert not a & b
+    assert slot_ports(7, 0) == slot_ports(7, 0)  # derived from the job id: every node computes the same
+
+
+def test_a_busy_port_moves_the_job_to_the_next_free_band():
+    job = 4321
+    first = slot_ports(job, 0)
+    with socket.socket() as busy:
+        busy.bind(("", first["port"]))
+        busy.listen()
+        chosen = free_ports(job, 0, head=True)
+    assert chosen["port"] != first["port"] and (chosen["port"] - first["port"]) % BAND_SIZE == 0
+
+
+def test_ray_start_pins_every_port_and_joins_by_explicit_address():
+    ports = slot_ports(55, 1)
+    head = ray_start_command("ray", ports, "/tmp/opd-55.0.0", None, {"num_cpus": 4})
+    worker = ray_start_command("ray", ports, "/tmp/opd-55.0.1", "10.0.0.1:20000", {})
+    assert "--head" in head and "--include-dashboard=false" in head and f"--port={ports['port']}" in head
+    assert f"--dashboard-port={ports['dashboard-port']}" in head  # the minimal dashboard still binds one
+    assert "--address=10.0.0.1:20000" in worker and not any(a.startswith("--port=") for a in worker)
+    for option in ("node-manager-port", "object-manager-port", "min-worker-port", "max-worker-port"):
+        assert f"--{option}={ports[option]}" in worker
