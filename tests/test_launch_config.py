@@ -161,3 +161,61 @@ def test_ray_start_pins_every_port_and_joins_by_explicit_address():
     assert "--address=10.0.0.1:20000" in worker and not any(a.startswith("--port=") for a in worker)
     for option in ("node-manager-port", "object-manager-port", "min-worker-port", "max-worker-port"):
         assert f"--{option}={ports[option]}" in worker
+
+
+def test_login_side_modules_import_neither_torch_nor_verl_nor_ray():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, opd.launch.sweep, opd.launch.submit, opd.launch.status, opd.launch.rundir, "
+        "opd.launch.node, opd.launch.local_slurm, hydra_plugins.opd_launcher.launcher; "
+        "print(sorted(m for m in ('torch', 'verl', 'ray') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_run_directory_holds_resolved_config_record_and_rerun_script(
+    tiny_assets, tiny_math_data, tmp_path, monkeypatch
+):
+    from omegaconf import OmegaConf
+
+    from opd.launch.rundir import prepare
+
+    monkeypatch.setenv("DATA_DIR", str(tiny_math_data))
+    monkeypatch.setenv("WANDB_PROJECT", "it's quoted")
+    cfg = login("experiment=tiny_opd", "cluster=example_site", "++verl.opd.loss_type=jsd")
+    run_dir = prepare(cfg, tmp_path / "run", ["experiment=tiny_opd", "++verl.opd.loss_type=jsd"])
+    text = (run_dir / "config.yaml").read_text()
+    assert "${" not in text
+    config = OmegaConf.create(text)
+    assert config.opd.loss_type == "jsd" and config.trainer.default_local_dir == str(run_dir)
+    assert config.opd.teacher_path == str(tiny_assets / "teacher")  # resolved by the entry's own checks
+    assert config.data.train_files == str(tiny_math_data / "grpo_processed" / "train.parquet")
+    script = (run_dir / "rerun.sbatch").read_text()
+    for line in ("--nodes=1", "--cpus-per-task=2", "--mem=6G", "--partition=gpu", "--account=my_project",
+                 "--qos=normal", "--exclusive", "--requeue", "--signal=USR2@300"):  # fmt: skip
+        assert f"#SBATCH {line}\n" in script
+    assert "module purge\n" in script
+    assert f"-m opd.launch.node {run_dir}" in script and "--kill-on-bad-exit=1" in script
+    environment = (run_dir / "environment.sh").read_text()
+    assert f"export DATA_DIR={tiny_math_data}" in environment
+    assert "export WANDB_PROJECT='it'\"'\"'s quoted'" in environment
+    assert "++verl.opd.loss_type=jsd" in (run_dir / "overrides.txt").read_text()
+    assert "opd.loss_type=jsd" in (run_dir / "overrides.txt").read_text()
+    assert (run_dir / "logs").is_dir()  # sbatch --output needs it before the job starts
+    launch = OmegaConf.load(run_dir / "launch.yaml")
+    assert launch.experiment.entry == "opd.main_opd" and launch.resources.nodes == 1
+
+
+def test_refused_run_names_the_missing_file_and_the_command_that_makes_it(tmp_path, monkeypatch):
+    from opd.launch.rundir import prepare
+
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "empty"))
+    with pytest.raises(SubmissionError, match=r"grpo_processed/train.parquet"):
+        prepare(login("experiment=tiny_grpo"), tmp_path / "run", [])
+    assert (
+        not (tmp_path / "run" / "rerun.sbatch").exists() and not (tmp_path / "run" / "config.yaml").exists()
+    )

@@ -92,14 +92,18 @@ def sweep(slurm_env) -> SimpleNamespace:
     returned_after = time.monotonic() - started
     assert result.returncode == 0, result.stdout + result.stderr
     jobs = re.findall(r"^  job (\S+)  (\S+)  (.*)$", result.stdout, flags=re.M)
-    states_at_return = sacct_states([job for job, _, _ in jobs])
+    # squeue: slurmctld's own view (accounting reaches sacct a moment later)
+    queued = subprocess.run(
+        ["squeue", "-h", "-r", "-j", ",".join(job for job, _, _ in jobs), "-o", "%i %T"],
+        env=slurm_env, capture_output=True, text=True,
+    ).stdout  # fmt: skip
     states = wait_terminal([job for job, _, _ in jobs])
     return SimpleNamespace(
         output=result.stdout,
         dir=Path(re.search(r"^sweep: (\S+)", result.stdout, flags=re.M).group(1)),
         jobs=[(job, Path(run_dir), point) for job, run_dir, point in jobs],
         returned_after=returned_after,
-        states_at_return=states_at_return,
+        queued_at_return=dict(line.split() for line in queued.splitlines()),
         states=states,
     )
 
@@ -111,7 +115,8 @@ def test_sweep_returns_promptly_and_every_point_completes_with_config_metrics_an
     loss_types = [re.search(r"\+\+verl.opd.loss_type=(\w+)", point).group(1) for _, _, point in sweep.jobs]
     assert sorted(loss_types) == ["forward_kl", "reverse_kl"]
     # make returned with the jobs queued, not after they ran
-    assert not all(s["state"] in TERMINAL for s in sweep.states_at_return.values()), sweep.states_at_return
+    assert set(sweep.queued_at_return) == {job for job, _, _ in sweep.jobs}, sweep.queued_at_return
+    assert set(sweep.queued_at_return.values()) <= {"PENDING", "CONFIGURING", "RUNNING"}
     assert (sweep.dir / "launcher.log").exists()
     for job, run_dir, point in sweep.jobs:
         assert sweep.states[job]["state"] == "COMPLETED", (job, sweep.states[job], _tail(run_dir, job))
@@ -156,7 +161,7 @@ def test_concurrent_jobs_use_their_own_ports_temp_dirs_and_tokens_and_leave_noth
         )
         spans.append(out.stdout.strip().split("|"))
     assert max(s for s, _ in spans) < min(e for _, e in spans), spans
-    leftovers = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    leftovers = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     for head in heads:
         assert head["temp_dir"] not in leftovers
 
@@ -234,6 +239,38 @@ def test_two_node_job_runs_one_ray_cluster_across_both_nodes(slurm_env):
     assert "Ray cluster up: 2 node(s)" in (run_dir / "logs" / f"slurm-{job}.out").read_text()
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["nnodes"] == 2
     assert train_steps(run_dir) == [1]
+
+
+def test_a_node_that_dies_fails_the_job_fast_naming_the_node_and_its_log(slurm_env):
+    job, run_dir = submitted_job(
+        make(
+            "submit",
+            slurm_env,
+            "EXP=tiny_grpo",
+            "ARGS=cluster=ci resources=cpu_tiny_2node verl.trainer.total_training_steps=50",
+        )
+    )
+    attempt = run_dir / "logs" / f"{job}.0"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (attempt / "driver.log").exists():  # both nodes joined, the experiment started
+        assert (
+            time.monotonic() < deadline and sacct_states([job]).get(job, {}).get("state") not in TERMINAL
+        ), _tail(run_dir, job)
+        time.sleep(0.3)
+    # node 1's Ray (the `ray start --block` process group with this job's node-1 temp dir) dies
+    ps = subprocess.run(["ps", "-ww", "-eo", "pgid,args"], capture_output=True, text=True).stdout
+    groups = {
+        int(line.split()[0])
+        for line in ps.splitlines()
+        if f"--temp-dir=/tmp/opd-{job}.0.1" in line and "ray start" in line
+    }
+    assert len(groups) == 1, ps
+    os.killpg(groups.pop(), 9)
+    killed_at = time.monotonic()
+    assert wait_terminal([job], 300)[job]["state"] == "FAILED"
+    assert time.monotonic() - killed_at < 90  # fails fast, not at the walltime
+    slurm_log = (run_dir / "logs" / f"slurm-{job}.out").read_text()
+    assert "node 1 (" in slurm_log and str(attempt / "node1.log") in slurm_log, slurm_log[-3000:]
 
 
 def test_failing_experiment_is_reported_failed_with_its_error_in_the_log(slurm_env):

@@ -94,7 +94,8 @@ def free_ports(job_id: int, node_rank: int, head: bool) -> dict[str, int]:
 class JobIdentity:
     """Who this process is inside the allocation (SLURM's variables; a plain local run is job pid, 1 node)."""
 
-    job_id: int
+    job_id: int  # unique per job, array tasks included: the port band derives from it
+    name: str  # as squeue and sacct show it: 123, or 122_1 for a task of an array job (sweeps)
     node_rank: int
     nnodes: int
     attempt: int
@@ -102,8 +103,11 @@ class JobIdentity:
     @classmethod
     def from_env(cls) -> JobIdentity:
         env = os.environ
+        job_id = int(env.get("SLURM_JOB_ID") or env.get("OPD_JOB_ID") or os.getpid())
+        array = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
         return cls(
-            job_id=int(env.get("SLURM_JOB_ID") or env.get("OPD_JOB_ID") or os.getpid()),
+            job_id=job_id,
+            name=f"{array[0]}_{array[1]}" if all(array) else str(job_id),
             node_rank=int(env.get("SLURM_NODEID", 0)),
             nnodes=int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", 1))),
             attempt=int(env.get("SLURM_RESTART_COUNT", 0)),
@@ -111,8 +115,8 @@ class JobIdentity:
 
     @property
     def tag(self) -> str:
-        """``<job id>.<restart count>``: one log directory per attempt of a job."""
-        return f"{self.job_id}.{self.attempt}"
+        """``<job>.<restart count>``: one log directory per attempt of a job."""
+        return f"{self.name}.{self.attempt}"
 
 
 def write_token(path: Path) -> None:
