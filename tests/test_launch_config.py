@@ -5,6 +5,7 @@ per-job Ray port bands never overlap."""
 from __future__ import annotations
 
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -196,9 +197,10 @@ def test_run_directory_holds_resolved_config_record_and_rerun_script(
     assert config.data.train_files == str(tiny_math_data / "grpo_processed" / "train.parquet")
     script = (run_dir / "rerun.sbatch").read_text()
     for line in ("--nodes=1", "--cpus-per-task=2", "--mem=6G", "--partition=gpu", "--account=my_project",
-                 "--qos=normal", "--exclusive", "--requeue", "--signal=USR2@300"):  # fmt: skip
+                 "--qos=normal", "--exclusive", "--requeue", "--signal=B:USR2@300"):  # fmt: skip
         assert f"#SBATCH {line}\n" in script
     assert "module purge\n" in script
+    assert subprocess.run(["bash", "-n", str(run_dir / "rerun.sbatch")]).returncode == 0  # valid shell
     assert f"-m opd.launch.node {run_dir}" in script and "--kill-on-bad-exit=1" in script
     environment = (run_dir / "environment.sh").read_text()
     assert f"export DATA_DIR={tiny_math_data}" in environment
@@ -219,3 +221,28 @@ def test_refused_run_names_the_missing_file_and_the_command_that_makes_it(tmp_pa
     assert (
         not (tmp_path / "run" / "rerun.sbatch").exists() and not (tmp_path / "run" / "config.yaml").exists()
     )
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "local"])
+def test_launchers_instantiate_from_resources_and_cluster(launcher):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = login(
+        "experiment=tiny_grpo",
+        "resources=cpu_tiny_2node",
+        "cluster=example_site",
+        f"hydra/launcher={launcher}",
+    )
+    plugin = instantiate(OmegaConf.to_container(cfg.hydra.launcher, resolve=True))
+    params = plugin.executor_parameters()
+    if launcher == "slurm":
+        assert type(plugin).__module__ == "hydra_plugins.opd_launcher.launcher"
+        assert (
+            params["nodes"] == 2 and params["cpus_per_task"] == 2 and params["slurm_account"] == "my_project"
+        )
+        assert params["slurm_srun_args"] == ["--kill-on-bad-exit=1"]
+        assert params["slurm_additional_parameters"] == {"requeue": True, "exclusive": True}
+        assert params["slurm_signal_delay_s"] == 300
+    else:
+        assert params["nodes"] == 1 and "slurm_srun_args" not in params

@@ -195,7 +195,15 @@ def test_rerun_sbatch_of_a_finished_run_completes_with_the_same_config_and_train
     )
 
 
-def test_requeued_job_resumes_from_its_checkpoint_and_keeps_both_attempts_logs(slurm_env):
+REQUEUE_BY = {
+    "scontrol_requeue": lambda job: ["scontrol", "requeue", job],
+    # what SLURM does before the walltime (--signal=B:USR2@N): rerun.sbatch's trap requeues the job
+    "walltime_signal": lambda job: ["scancel", "--batch", "--signal=USR2", job],
+}
+
+
+@pytest.mark.parametrize("requeue_by", sorted(REQUEUE_BY))
+def test_requeued_job_resumes_from_its_checkpoint_and_keeps_both_attempts_logs(slurm_env, requeue_by):
     job, run_dir = submitted_job(
         make(
             "submit", slurm_env, "EXP=tiny_opd",
@@ -208,7 +216,7 @@ def test_requeued_job_resumes_from_its_checkpoint_and_keeps_both_attempts_logs(s
         assert time.monotonic() < deadline, _tail(run_dir, job)
         assert sacct_states([job]).get(job, {}).get("state") not in TERMINAL, _tail(run_dir, job)
         time.sleep(0.3)
-    subprocess.run(["scontrol", "requeue", job], env=slurm_env, check=True)
+    subprocess.run(REQUEUE_BY[requeue_by](job), env=slurm_env, check=True)
     assert wait_terminal([job])[job]["state"] == "COMPLETED", _tail(run_dir, job)
     first, second = run_dir / "logs" / f"{job}.0", run_dir / "logs" / f"{job}.1"
     assert (first / "driver.log").is_file() and (second / "driver.log").is_file()
@@ -220,6 +228,8 @@ def test_requeued_job_resumes_from_its_checkpoint_and_keeps_both_attempts_logs(s
     steps = train_steps(run_dir)
     assert steps == sorted(set(steps)) and steps[-1] == 4 and int(resumed.group(1)) >= 1
     assert int(resumed.group(1)) + 1 in steps  # the second attempt trained on from the checkpoint
+    if requeue_by == "walltime_signal":
+        assert "requeueing job" in (run_dir / "logs" / f"slurm-{job}.out").read_text()
 
 
 def test_two_node_job_runs_one_ray_cluster_across_both_nodes(slurm_env):
@@ -279,7 +289,7 @@ def test_failing_experiment_is_reported_failed_with_its_error_in_the_log(slurm_e
             "submit",
             slurm_env,
             "EXP=tiny_grpo",
-            "ARGS=cluster=ci verl.algorithm.adv_estimator=no_such_estimator",
+            "ARGS=cluster=ci verl.algorithm.adv_estimator=no_such_estimator verl.trainer.val_before_train=false",
         )
     )
     assert wait_terminal([job])[job]["state"] == "FAILED"

@@ -27,8 +27,9 @@ from opd.launch.ray_cluster import (
     free_ports,
     ray_env,
     ray_start_command,
+    spawn_group,
     start_ray,
-    stop_ray,
+    stop_process_group,
     wait_for,
     write_token,
 )
@@ -157,10 +158,9 @@ class Node:
         _say(f"running {entry}; log {driver_log}")
         env = ray_env(self.token, address)
         env["PYTHONUNBUFFERED"] = "1"
-        self.driver = subprocess.Popen(
-            command, env=env, cwd=self.run_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, text=True, start_new_session=True,
-        )  # fmt: skip
+        self.driver = spawn_group(
+            command, env=env, cwd=self.run_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         copier = threading.Thread(target=_tee, args=(self.driver.stdout, driver_log), daemon=True)
         copier.start()
         next_check = time.monotonic() + NODE_CHECK_INTERVAL_S
@@ -236,8 +236,8 @@ class Node:
             if self.rank == 0:
                 _write_json(self.done_file, {"code": code})
             if self.driver is not None and self.driver.poll() is None:
-                stop_ray(self.driver)  # the driver's own process group (start_new_session)
-            stop_ray(self.ray_process)
+                stop_process_group(self.driver)
+            stop_process_group(self.ray_process)
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
@@ -266,21 +266,11 @@ def run(run_dir: str | Path) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _requeue_on_usr2(signum, frame):
-    """rerun.sbatch asks for SIGUSR2 before the walltime (--signal): requeue the job, which resumes from
-    its last checkpoint. (Under submitit, submitit's own handler does this.)"""
-    job = os.environ.get("SLURM_JOB_ID")
-    if job and int(os.environ.get("SLURM_NODEID", 0)) == 0:
-        _say(f"SIGUSR2 (walltime near): requeueing job {job}; it resumes from its last checkpoint")
-        subprocess.run(["scontrol", "requeue", job], timeout=60, check=False)
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0].startswith("-"):
         print("usage: python -m opd.launch.node RUN_DIR", file=sys.stderr)
         sys.exit(2)
-    signal.signal(signal.SIGUSR2, _requeue_on_usr2)
     try:
         sys.exit(run(argv[0]))
     except (ClusterError, JobFailed) as error:

@@ -160,22 +160,27 @@ def ray_start_command(
     return command
 
 
+def spawn_group(command: list[str], **popen) -> subprocess.Popen:
+    """Start ``command`` in its own process group (teardown stops exactly its processes) with SIGUSR2
+    ignored: SLURM's pre-walltime USR2 reaches every process of a submitit job step, and only the job's
+    handler should act on it (requeue), not kill Ray or verl, which inherit the ignored signal."""
+    previous = signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    try:
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True, **popen)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
 def start_ray(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    """Run ``ray start --block`` in its own process group, so teardown can stop exactly its processes."""
+    """``ray start --block`` in its own process group, output appended to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "a")  # noqa: SIM115  (owned by the child; closed when this process exits)
-    return subprocess.Popen(
-        command,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    with open(log_path, "a") as log:  # the child keeps its own descriptor
+        return spawn_group(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def stop_ray(process: subprocess.Popen | None, grace_s: float = 10.0) -> None:
-    """SIGTERM the process group started by ``start_ray`` then SIGKILL what is left after ``grace_s``.
+def stop_process_group(process: subprocess.Popen | None, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group of ``process`` (started with ``start_new_session``: ``ray start`` or
+    the driver), then SIGKILL what is left after ``grace_s``.
 
     ``ray start --block`` alone drains for up to 30 s after SIGTERM and leaves GCS behind if killed;
     signalling the whole group stops raylet, GCS and workers together."""

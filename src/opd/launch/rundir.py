@@ -150,8 +150,9 @@ def sbatch_options(launch: dict, run_dir: Path) -> list[str]:
         "output": f"{run_dir}/logs/slurm-%j.out",
         "open-mode": "append",  # a requeued job appends to its log instead of truncating it
         "requeue": True,
-        # USR2 to the job's tasks this long before the walltime: node 0 requeues the job (it resumes).
-        "signal": f"USR2@{cluster.get('signal_delay_s', 120)}",
+        # USR2 to the batch shell (B:) this long before the walltime: its trap requeues the job, which
+        # resumes from its last checkpoint. Only the shell: Ray and verl would die of an unhandled USR2.
+        "signal": f"B:USR2@{cluster.get('signal_delay_s', 120)}",
         **cluster.get("additional_parameters", {}),
     }
     lines = []
@@ -179,7 +180,21 @@ def rerun_script(launch: dict, run_dir: Path) -> str:
 set -euo pipefail
 source {shlex.quote(str(run_dir / "environment.sh"))}
 {setup}
-{srun}
+requeue() {{
+    echo "[rerun.sbatch] SIGUSR2 (walltime near or preemption): requeueing job $SLURM_JOB_ID; it resumes from its last checkpoint"
+    scontrol requeue "$SLURM_JOB_ID"
+}}
+trap requeue USR2
+# srun in the background: bash runs a trap only between commands, and `wait` returns on a signal.
+{srun} &
+srun_pid=$!
+while true; do
+    set +e
+    wait "$srun_pid"
+    code=$?
+    set -e
+    kill -0 "$srun_pid" 2>/dev/null || exit "$code"  # srun ended: its exit code is the job's
+done
 """
 
 
