@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from conftest import REPO
+from opd.launch.local_slurm import CLUSTER
 from opd.launch.status import sacct_states
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
@@ -228,6 +229,7 @@ def test_requeued_job_resumes_from_its_checkpoint_and_keeps_both_attempts_logs(s
     steps = train_steps(run_dir)
     assert steps == sorted(set(steps)) and steps[-1] == 4 and int(resumed.group(1)) >= 1
     assert int(resumed.group(1)) + 1 in steps  # the second attempt trained on from the checkpoint
+    assert not list(Path("/tmp").glob(f"opd-{CLUSTER}-{job}.*"))  # both attempts' Ray temp dirs removed
     if requeue_by == "walltime_signal":
         assert "requeueing job" in (run_dir / "logs" / f"slurm-{job}.out").read_text()
 
@@ -272,7 +274,7 @@ def test_a_node_that_dies_fails_the_job_fast_naming_the_node_and_its_log(slurm_e
     groups = {
         int(line.split()[0])
         for line in ps.splitlines()
-        if f"--temp-dir=/tmp/opd-{job}.0.1" in line and "ray start" in line
+        if f"--temp-dir=/tmp/opd-{CLUSTER}-{job}.0.1" in line and "ray start" in line
     }
     assert len(groups) == 1, ps
     os.killpg(groups.pop(), 9)

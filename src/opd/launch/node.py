@@ -29,7 +29,7 @@ from opd.launch.ray_cluster import (
     ray_start_command,
     spawn_group,
     start_ray,
-    stop_process_group,
+    stop_process_groups,
     wait_for,
     write_token,
 )
@@ -71,7 +71,7 @@ class Node:
         self.head_file = self.attempt_dir / "head.json"
         self.done_file = self.attempt_dir / "done.json"
         # Unix socket paths are limited to 107 bytes: keep Ray's temp dir short, one per node and attempt.
-        self.temp_dir = f"/tmp/opd-{self.job.tag}.{self.rank}"
+        self.temp_dir = f"/tmp/opd-{self.job.cluster}-{self.job.tag}.{self.rank}"
         self.ray_process: subprocess.Popen | None = None
         self.driver: subprocess.Popen | None = None
         self.ray = str(Path(sys.executable).with_name("ray"))
@@ -226,8 +226,15 @@ class Node:
             )
 
     # --- all nodes ----------------------------------------------------------------------------------
+    def remove_stale_temp_dirs(self) -> None:
+        """Temp dirs of this job's earlier attempts on this node: a requeued attempt is killed before
+        its teardown can finish, and its Ray processes are gone once SLURM restarts the job."""
+        for stale in Path("/tmp").glob(f"opd-{self.job.cluster}-{self.job.name}.*.{self.rank}"):
+            shutil.rmtree(stale, ignore_errors=True)
+
     def run(self) -> int:
         self.check_allocation()
+        self.remove_stale_temp_dirs()
         code = 1
         try:
             code = self.run_head() if self.rank == 0 else self.run_worker()
@@ -235,10 +242,17 @@ class Node:
         finally:
             if self.rank == 0:
                 _write_json(self.done_file, {"code": code})
-            if self.driver is not None and self.driver.poll() is None:
-                stop_process_group(self.driver)
-            stop_process_group(self.ray_process)
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            stop_process_groups(self.driver, self.ray_process)
+            _remove_tree(self.temp_dir)
+
+
+def _remove_tree(path: str, deadline_s: float = 5.0) -> None:
+    """rmtree, again while processes that were just killed still drop files into it."""
+    deadline = time.monotonic() + deadline_s
+    while os.path.exists(path) and time.monotonic() < deadline:
+        shutil.rmtree(path, ignore_errors=True)
+        if os.path.exists(path):
+            time.sleep(0.2)
 
 
 def _tee(stream, path: Path) -> None:

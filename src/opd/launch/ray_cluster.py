@@ -96,6 +96,7 @@ class JobIdentity:
 
     job_id: int  # unique per job, array tasks included: the port band derives from it
     name: str  # as squeue and sacct show it: 123, or 122_1 for a task of an array job (sweeps)
+    cluster: str  # job ids are unique per cluster only (two test clusters may share a host)
     node_rank: int
     nnodes: int
     attempt: int
@@ -108,6 +109,7 @@ class JobIdentity:
         return cls(
             job_id=job_id,
             name=f"{array[0]}_{array[1]}" if all(array) else str(job_id),
+            cluster=env.get("SLURM_CLUSTER_NAME", "local")[:16],
             node_rank=int(env.get("SLURM_NODEID", 0)),
             nnodes=int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", 1))),
             attempt=int(env.get("SLURM_RESTART_COUNT", 0)),
@@ -178,24 +180,25 @@ def start_ray(command: list[str], env: dict[str, str], log_path: Path) -> subpro
         return spawn_group(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def stop_process_group(process: subprocess.Popen | None, grace_s: float = 10.0) -> None:
-    """SIGTERM the process group of ``process`` (started with ``start_new_session``: ``ray start`` or
-    the driver), then SIGKILL what is left after ``grace_s``.
+def stop_process_groups(*processes: subprocess.Popen | None, grace_s: float = 3.0) -> None:
+    """SIGTERM the process groups of ``processes`` (started by ``spawn_group``: ``ray start``, the
+    driver) together, then SIGKILL what is left after ``grace_s``.
 
     ``ray start --block`` alone drains for up to 30 s after SIGTERM and leaves GCS behind if killed;
-    signalling the whole group stops raylet, GCS and workers together."""
-    if process is None:
-        return
+    signalling whole groups, all at once, stops raylet, GCS, workers and driver within SLURM's KillWait."""
+    groups = [p for p in processes if p is not None]
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
+        for process in groups:
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                pass
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            if process.poll() is not None and not _group_alive(process.pid):
+            groups = [p for p in groups if p.poll() is None or _group_alive(p.pid)]
+            if not groups:
                 return
-            time.sleep(0.2)
+            time.sleep(0.1)
 
 
 def _group_alive(pgid: int) -> bool:
