@@ -14,7 +14,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from conftest import compose_verl_config
 from opd.launch import CONFIGS
-from opd.launch.compose import ENTRY_CONFIGS
+from opd.launch.compose import entry_module
 from opd.launch.ray_cluster import BAND_SIZE, ephemeral_low, free_ports, ray_start_command, slot_ports
 from opd.launch.rundir import SubmissionError, _value, login_values, sbatch_options, verl_overrides
 from opd.launch.sweep import hydra_arguments
@@ -47,7 +47,7 @@ def test_every_seed_experiment_has_a_tiny_cpu_variant():
 def test_experiment_composes_on_both_sides_with_resources_stated_once(experiment, model_env, tmp_path):
     cfg = login(f"experiment={experiment}", "resources=gpu_2x8")
     overrides = verl_overrides(cfg, tmp_path)
-    verl = compose_verl_config(overrides, ENTRY_CONFIGS[cfg.experiment.entry])
+    verl = compose_verl_config(overrides, entry_module(cfg.experiment.entry).CONFIG_NAME)
     # one statement of the resources reaches verl, sbatch and the submitit launcher alike
     assert verl.trainer.nnodes == cfg.resources.nodes == cfg.hydra.launcher.nodes == 2
     assert (
@@ -76,7 +76,9 @@ def test_sweep_points_compose_for_their_experiment(sweep, model_env, tmp_path):
     for key, values in params.items():
         for value in str(values).split(","):
             point = login(f"experiment={experiment}", f"{key}={value}")
-            verl = compose_verl_config(verl_overrides(point, tmp_path), ENTRY_CONFIGS[point.experiment.entry])
+            verl = compose_verl_config(
+                verl_overrides(point, tmp_path), entry_module(point.experiment.entry).CONFIG_NAME
+            )
             dotted = key.removeprefix("++verl.")
             assert str(verl_select(verl, dotted)) == str(_parsed(value))
 

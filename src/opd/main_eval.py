@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from opd.data.checks import InputError, as_list
 from opd.evaluation import RESULTS_FILE, format_table
-from opd.runtime import exit_on_input_error, prepare
+from opd.runtime import check_inputs, exit_on_input_error, prepare
 
 INSTRUCTION_VARIANTS = ("boxed", "dapo", "none")
 REWARD_FUNCTIONS = ("math_reward", "math_dapo", "boxed")
@@ -57,12 +57,20 @@ def check_eval_settings(config: DictConfig) -> None:
         config.data.train_files = val_files[:1]
 
 
-@hydra.main(config_path="config", config_name="eval", version_base=None)
+CONFIG_NAME = "eval"
+
+
+def check_config(config: DictConfig) -> None:
+    """Eval settings and files, then the model."""
+    check_eval_settings(config)
+    check_inputs(config)
+
+
+@hydra.main(config_path="config", config_name=CONFIG_NAME, version_base=None)
 def main(config: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        check_eval_settings(config)
-        config = prepare(config, run_dir=str(run_dir))
+        config = prepare(config, run_dir=str(run_dir), check=check_config)
     except InputError as error:
         exit_on_input_error(error)
     import ray

@@ -11,13 +11,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from opd.data.checks import InputError
-from opd.runtime import exit_on_input_error, prepare
+from opd.runtime import check_inputs, exit_on_input_error, prepare
+
+CONFIG_NAME = "grpo_trainer"
+check_config = check_inputs  # model, chat template, train/val parquet files
 
 
-@hydra.main(config_path="config", config_name="grpo_trainer", version_base=None)
+@hydra.main(config_path="config", config_name=CONFIG_NAME, version_base=None)
 def main(config: DictConfig) -> None:
     try:
-        config = prepare(config, run_dir=HydraConfig.get().runtime.output_dir)
+        config = prepare(config, run_dir=HydraConfig.get().runtime.output_dir, check=check_config)
     except InputError as error:
         exit_on_input_error(error)
     from verl.trainer.main_ppo import run_ppo

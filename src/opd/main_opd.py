@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from opd.data.checks import InputError, resolve_model_dir
-from opd.runtime import exit_on_input_error, prepare
+from opd.runtime import check_inputs, exit_on_input_error, prepare
 
 
 def check_teacher(config: DictConfig) -> None:
@@ -59,11 +59,19 @@ def check_teacher(config: DictConfig) -> None:
         ref.model.path = teacher
 
 
-@hydra.main(config_path="config", config_name="opd_trainer", version_base=None)
+CONFIG_NAME = "opd_trainer"
+
+
+def check_config(config: DictConfig) -> None:
+    """Student, data and teacher: everything a run needs before Ray starts."""
+    check_inputs(config)
+    check_teacher(config)
+
+
+@hydra.main(config_path="config", config_name=CONFIG_NAME, version_base=None)
 def main(config: DictConfig) -> None:
     try:
-        config = prepare(config, run_dir=HydraConfig.get().runtime.output_dir)
-        check_teacher(config)
+        config = prepare(config, run_dir=HydraConfig.get().runtime.output_dir, check=check_config)
     except InputError as error:
         exit_on_input_error(error)
     import ray

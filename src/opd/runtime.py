@@ -49,8 +49,7 @@ def configure_ray(config: DictConfig) -> None:
             if ray_init.address == "local":
                 ray_init.num_gpus = ray_init.get("num_gpus") or cpu["num_gpus"]
                 ray_init.resources = OmegaConf.merge(cpu["resources"], ray_init.get("resources") or {})
-                # verl's placement bundles ask for 3 logical CPUs per worker: logical, not physical cores.
-                ray_init.num_cpus = ray_init.get("num_cpus") or max(8, 3 * n_workers + 4)
+                ray_init.num_cpus = ray_init.get("num_cpus") or cpu["num_cpus"]
 
 
 METRICS_FILE = "metrics.jsonl"
@@ -67,13 +66,14 @@ def route_metrics_file(config: DictConfig, run_dir: str) -> None:
         runtime_env.env_vars.VERL_FILE_LOGGER_PATH = os.path.abspath(path)
 
 
-def prepare(config: DictConfig, run_dir: str | None = None) -> DictConfig:
+def prepare(config: DictConfig, run_dir: str | None = None, check=check_inputs) -> DictConfig:
     """Validate and complete a verl config in the driver; raise InputError with a clear message.
 
     The config is resolved here, once: Ray workers then see plain values (no ``opd.*`` resolvers needed
-    there) and every check reads the values the run will use."""
+    there) and every check reads the values the run will use. ``check`` is the entry's ``check_config``
+    (the same function ``opd.launch.compose`` runs before a job is submitted)."""
     OmegaConf.resolve(config)
-    check_inputs(config)
+    check(config)
     configure_ray(config)
     route_metrics_file(config, run_dir or os.getcwd())
     if config.trainer.device == "cpu":

@@ -12,41 +12,30 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# entry module -> its config name (the one its @hydra.main loads)
-ENTRY_CONFIGS = {
-    "opd.main_grpo": "grpo_trainer",
-    "opd.main_opd": "opd_trainer",
-    "opd.main_eval": "eval",
-}
+ENTRIES = ("opd.main_grpo", "opd.main_opd", "opd.main_eval")
 
 
-def check(entry: str, config) -> None:
-    """The checks the entry itself runs first, so a run refused here would have failed in the job."""
-    from opd.runtime import check_inputs
+def entry_module(entry: str):
+    """The entry point's module: its ``CONFIG_NAME`` and ``check_config`` are what it runs itself."""
+    import importlib
 
-    if entry == "opd.main_eval":
-        from opd.main_eval import check_eval_settings
-
-        check_eval_settings(config)
-    check_inputs(config)
-    if entry == "opd.main_opd":
-        from opd.main_opd import check_teacher
-
-        check_teacher(config)
+    if entry not in ENTRIES:
+        raise ValueError(f"unknown entry {entry!r}: choose one of {list(ENTRIES)}")
+    return importlib.import_module(entry)
 
 
 def compose_resolved(entry: str, overrides: list[str]):
+    """The entry's config for ``overrides``, resolved and checked as the entry would check it."""
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
     import opd.config  # noqa: F401  (the opd.* resolvers)
 
-    if entry not in ENTRY_CONFIGS:
-        raise ValueError(f"unknown entry {entry!r}: choose one of {sorted(ENTRY_CONFIGS)}")
+    module = entry_module(entry)
     with initialize_config_module(config_module="opd.config", version_base=None):
-        config = compose(config_name=ENTRY_CONFIGS[entry], overrides=overrides)
+        config = compose(config_name=module.CONFIG_NAME, overrides=overrides)
     OmegaConf.resolve(config)
-    check(entry, config)
+    module.check_config(config)
     return config
 
 

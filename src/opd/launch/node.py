@@ -78,11 +78,11 @@ class Node:
 
     def resources(self) -> dict:
         """Ray resources of this node. On CPU verl needs logical GPUs and a ``cpu`` resource per worker."""
-        cpus = os.environ.get("SLURM_CPUS_ON_NODE")
         if self.trainer.device == "cpu":
-            workers = int(self.trainer.n_gpus_per_node)
-            # verl's placement bundles ask for 3 logical CPUs per worker: logical, not physical cores.
-            return {"num_cpus": max(8, 3 * workers + 4), "num_gpus": workers, "resources": {"cpu": workers}}
+            from opd.backends.cpu import ray_init_overrides  # what a local CPU run gives ray.init
+
+            return ray_init_overrides(int(self.trainer.n_gpus_per_node))
+        cpus = os.environ.get("SLURM_CPUS_ON_NODE")
         return {"num_cpus": int(cpus) if cpus else None}
 
     def check_allocation(self) -> None:

@@ -23,9 +23,11 @@ def ray_init_overrides(n_workers: int) -> dict:
 
     verl counts accelerators before placing workers ("Total available GPUs 0 is less than total
     desired GPUs"), so Ray gets that many logical GPUs; with ``trainer.device=cpu`` each placement
-    bundle also asks for a resource literally named ``cpu``, declared here as a custom resource.
+    bundle also asks for a resource literally named ``cpu``, declared here as a custom resource. verl's
+    bundles also ask for 3 logical CPUs per worker: logical, not physical cores.
     """
     return {
+        "num_cpus": max(8, 3 * n_workers + 4),
         "num_gpus": n_workers,
         "resources": {"cpu": n_workers},
         "runtime_env": {"worker_process_setup_hook": SETUP_HOOK},
