@@ -10,10 +10,12 @@ STAMP := $(VENV)/.opd-setup-done
 PYTEST_ARGS ?=
 
 .PHONY: help setup test test-fast lint format tiny tiny-data data demo bench-loss convert \
-	slurm-up slurm-down sweep-opd sweep-grpo submit status clean
+	slurm-up slurm-down sweep-opd sweep-grpo submit status \
+	container-build container-build-cpu container-test-cpu container-lock container-push container-pull \
+	container-sif container-verify clean
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-19s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -28,9 +30,10 @@ test: setup ## run the whole test suite (builds or reuses the tiny assets; CPU e
 test-fast: setup ## unit tests only (no Ray/verl end-to-end runs)
 	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
 
-lint: setup ## ruff check and format check
+lint: setup ## ruff check and format check; hadolint on containers/Dockerfile
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/hadolint containers/Dockerfile
 
 format: setup ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix src tests
@@ -55,6 +58,31 @@ bench-loss: setup ## OPD loss vs the seed's pattern at V=151,936: time, peak mem
 convert: setup ## verl FSDP checkpoint -> Hugging Face model: make convert CHECKPOINT=.../global_step_N[/actor] [TARGET=dir]
 	@test -n "$(CHECKPOINT)" || { echo "usage: make convert CHECKPOINT=path/to/global_step_N [TARGET=dir]" >&2; exit 2; }
 	$(PY) -m opd.checkpoint convert $(CHECKPOINT) $(if $(TARGET),--target $(TARGET))
+
+# --- Containers (containers/README.md) -------------------------------------------------------------------
+container-build: ## GPU image from containers/Dockerfile (docker, else buildah): [IMAGE=name] [TAG=tag]
+	bash containers/build.sh gpu
+
+container-build-cpu: ## the same Dockerfile on a local Debian base with constraints/cpu.txt (buildah, offline)
+	bash containers/build.sh cpu
+
+container-test-cpu: container-build-cpu ## inside the CPU image: import opd, verl; the unit tests
+	bash containers/build.sh cpu-test
+
+container-lock: setup ## re-resolve containers/constraints.txt (the GPU image's pins) for its Python; needs PyPI
+	$(PY) -m opd.image lock
+
+container-push: ## push IMAGE:TAG and record its digest in containers/published.env
+	bash containers/image.sh push
+
+container-pull: ## apptainer pull of the published image by digest to SIF_DIR, with its sha256; prints OPD_IMAGE
+	bash containers/image.sh pull
+
+container-sif: ## apptainer build of containers/opd.def from IMAGE@DIGEST (sites that build their SIF)
+	bash containers/image.sh sif
+
+container-verify: ## on a GPU node, inside the image: pins, pip check, CUDA, verl import, one OPD loss step
+	bash containers/image.sh verify
 
 # --- SLURM (configs/ is the login side; README "Running on SLURM") ---------------------------------------
 # EXP: configs/experiment/<EXP>.yaml; SWEEP: configs/sweep/<SWEEP>.yaml; ARGS: more Hydra overrides,

@@ -172,7 +172,8 @@ def test_login_side_modules_import_neither_torch_nor_verl_nor_ray():
 
     code = (
         "import sys, opd.launch.sweep, opd.launch.submit, opd.launch.status, opd.launch.rundir, "
-        "opd.launch.node, opd.launch.local_slurm, hydra_plugins.opd_launcher.launcher; "
+        "opd.launch.node, opd.launch.local_slurm, opd.launch.container, opd.image, "
+        "hydra_plugins.opd_launcher.launcher; "
         "print(sorted(m for m in ('torch', 'verl', 'ray') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

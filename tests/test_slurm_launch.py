@@ -234,13 +234,27 @@ def test_requeued_job_resumes_from_its_checkpoint_and_keeps_both_attempts_logs(s
         assert "requeueing job" in (run_dir / "logs" / f"slurm-{job}.out").read_text()
 
 
-def test_two_node_job_runs_one_ray_cluster_across_both_nodes(slurm_env):
+def test_two_node_job_in_the_container_runs_one_ray_cluster_across_both_nodes_fake_apptainer(
+    slurm_env, tmp_path
+):
+    """container=apptainer through a FAKE apptainer (tests/fake_apptainer; Apptainer cannot be installed
+    here) that gives each node only the variables apptainer --cleanenv would, then runs it on the host."""
+    image = tmp_path / "opd.sif"
+    image.write_bytes(os.urandom(1 << 16))
+    calls = tmp_path / "apptainer_calls"
+    env = {
+        **slurm_env,
+        "PATH": f"{REPO / 'tests' / 'fake_apptainer'}:{slurm_env['PATH']}",
+        "FAKE_APPTAINER_LOG": str(calls),
+        "FAKE_APPTAINER_PATH": f"{REPO / '.venv' / 'bin'}:/usr/bin:/bin",
+        "OPD_IMAGE": str(image),
+    }
     job, run_dir = submitted_job(
         make(
             "submit",
-            slurm_env,
+            env,
             "EXP=tiny_grpo",
-            "ARGS=cluster=ci resources=cpu_tiny_2node verl.trainer.total_training_steps=1",
+            "ARGS=cluster=ci resources=cpu_tiny_2node container=apptainer verl.trainer.total_training_steps=1",
         )
     )
     states = wait_terminal([job])
@@ -251,6 +265,17 @@ def test_two_node_job_runs_one_ray_cluster_across_both_nodes(slurm_env):
     assert "Ray cluster up: 2 node(s)" in (run_dir / "logs" / f"slurm-{job}.out").read_text()
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["nnodes"] == 2
     assert train_steps(run_dir) == [1]
+    # each node ran inside the image with its own task's variables; the run records the image's sha256
+    digest = yaml.safe_load((run_dir / "launch.yaml").read_text())["container"]["digest"]
+    nodes = [json.loads(p.read_text()) for p in calls.glob("*.json")]
+    nodes = [call for call in nodes if "opd.launch.node" in call["command"]]
+    assert sorted(call["env"]["SLURM_PROCID"] for call in nodes) == ["0", "1"]
+    assert sorted(call["env"]["SLURMD_NODENAME"] for call in nodes) == ["node1", "node2"]
+    for call in nodes:
+        assert call["options"] == ["--nv", "--cleanenv"] and call["image"] == str(image)
+        assert call["env"]["SLURM_JOB_ID"] == job and call["env"]["OPD_CONTAINER_DIGEST"] == digest
+        assert any(Path(b) in [run_dir, *run_dir.parents] for b in call["binds"])
+        assert call["env"]["HF_HUB_OFFLINE"] == "1"
 
 
 def test_a_node_that_dies_fails_the_job_fast_naming_the_node_and_its_log(slurm_env):

@@ -7,3 +7,7 @@ from pathlib import Path
 CONFIGS = str(Path(__file__).resolve().parents[3] / "configs")
 JOBS_FILE = "jobs.tsv"  # in a sweep or run directory: job id, run directory, sweep point (one line per job)
 REFUSED_FILE = "refused.txt"  # in a sweep directory: why the launcher refused to submit
+
+
+class SubmissionError(ValueError):
+    """A run that must not be queued; the message names the problem and the fix."""

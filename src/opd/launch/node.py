@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -20,6 +21,9 @@ import threading
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from opd.launch import container, rundir
 from opd.launch.ray_cluster import (
     ClusterError,
     JobIdentity,
@@ -57,8 +61,6 @@ class Node:
     """One node's part of one attempt of a job."""
 
     def __init__(self, run_dir: Path):
-        from omegaconf import OmegaConf
-
         self.run_dir = run_dir.resolve()
         self.launch = OmegaConf.load(self.run_dir / "launch.yaml")
         self.trainer = OmegaConf.load(self.run_dir / "config.yaml").trainer
@@ -272,12 +274,26 @@ def run(run_dir: str | Path) -> int:
     """Run this node's part; raise (ClusterError, JobFailed) with a message naming the node and log.
 
     SIGTERM (scancel, requeue, preemption) unwinds through the teardown, so the job's Ray processes
-    never outlive it as orphans that SLURM no longer tracks."""
+    never outlive it as orphans that SLURM no longer tracks. Started outside the run's container (the
+    submitit launcher's task), it runs the same command as ``rerun.sbatch``: itself inside the image."""
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
+        launch = OmegaConf.to_container(OmegaConf.load(Path(run_dir) / "launch.yaml"))
+        if container.enabled(launch["container"]) and container.INSIDE not in os.environ:
+            return _run_in_container(launch, Path(run_dir))
         return Node(Path(run_dir)).run()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _run_in_container(launch: dict, run_dir: Path) -> int:
+    command = rundir.node_command(launch, run_dir)
+    _say(f"entering the container: {shlex.join(command[:4])} ...")
+    child = spawn_group(command)
+    try:
+        return child.wait()
+    finally:
+        stop_process_groups(child, grace_s=10.0)  # SIGTERM: the node inside tears its Ray down first
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,12 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 import opd.config  # noqa: F401  (opd.* resolvers used by the login configs)
+from opd.launch import SubmissionError, container
 
 REPO = Path(__file__).resolve().parents[3]
-
-
-class SubmissionError(ValueError):
-    """A run that must not be queued; the message names the problem and the fix."""
 
 
 def _value(value) -> str:
@@ -97,10 +94,11 @@ def verl_overrides(cfg: DictConfig, run_dir: Path) -> list[str]:
     return overrides
 
 
-def compose_verl(entry: str, overrides: list[str], out: Path, python: str) -> None:
-    """``python -m opd.launch.compose`` in a subprocess (verl's config tree imports torch)."""
+def compose_verl(entry: str, overrides: list[str], out: Path, python: list[str]) -> None:
+    """``python -m opd.launch.compose`` in a subprocess (verl's config tree imports torch), with
+    ``python`` the interpreter's command: the submitting one, or the image's behind its exec prefix."""
     result = subprocess.run(
-        [python, "-m", "opd.launch.compose", entry, str(out), *overrides],
+        [*python, "-m", "opd.launch.compose", entry, str(out), *overrides],
         capture_output=True,
         text=True,
     )
@@ -163,10 +161,17 @@ def sbatch_options(launch: dict, run_dir: Path) -> list[str]:
     return lines
 
 
+def python_command(launch: dict, gpu: bool = True) -> list[str]:
+    """The interpreter a job (or the config composition, ``gpu=False``) runs: inside the image when the
+    container config names one, else the submitting Python."""
+    spec = launch["container"]
+    if not container.enabled(spec):
+        return [launch["python"]]
+    return [*container.exec_prefix(spec, launch["env_allowlist"], gpu=gpu), spec.get("python") or "python"]
+
+
 def node_command(launch: dict, run_dir: Path) -> list[str]:
-    container = launch["container"]
-    python = container.get("python") or launch["python"]
-    return [*container.get("exec", []), python, "-m", "opd.launch.node", str(run_dir)]
+    return [*python_command(launch), "-m", "opd.launch.node", str(run_dir)]
 
 
 def rerun_script(launch: dict, run_dir: Path) -> str:
@@ -208,9 +213,20 @@ def prepare(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
     launch = {
         key: login_values(cfg, key) for key in ("experiment", "resources", "cluster", "container", "verl")
     }
-    launch.update(python=python, repo=str(REPO), verl_overrides=verl)
+    launch.update(python=python, repo=str(REPO), verl_overrides=verl, env_allowlist=list(cfg.env_allowlist))
     if launch["experiment"]["entry"] is None:
         raise SubmissionError("experiment.entry is not set: choose an experiment (experiment=tiny_grpo, ...)")
+    spec = launch["container"]
+    if container.enabled(spec):
+        container.check_runtime(spec)
+        spec["digest"] = container.image_digest(spec["image"])
+        spec["pulled_from"] = container.pulled_from(spec["image"])
+        variables = {name: os.environ[name] for name in launch["env_allowlist"] if name in os.environ}
+        spec["binds"] = container.bind_list(
+            [run_dir, *([REPO] if spec.get("code", "bind") == "bind" else []), *(spec.get("binds") or [])]
+            + container.host_paths(launch["verl"])
+            + container.host_paths(variables, every_key=True)
+        )
     (run_dir / "overrides.txt").write_text(
         "# login overrides\n"
         + "".join(f"{o}\n" for o in overrides)
@@ -220,8 +236,13 @@ def prepare(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
     )
     (run_dir / "git.txt").write_text(git_description())
     (run_dir / "environment.sh").write_text(environment_script(list(cfg.env_allowlist)))
+    compose_verl(
+        launch["experiment"]["entry"], verl, run_dir / "config.yaml", python_command(launch, gpu=False)
+    )
+    if container.enabled(spec):  # paths that only the composed config names (recipe defaults)
+        resolved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+        spec["binds"] = container.bind_list(spec["binds"] + container.host_paths(resolved))
     OmegaConf.save(OmegaConf.create(launch), run_dir / "launch.yaml")
-    compose_verl(launch["experiment"]["entry"], verl, run_dir / "config.yaml", python)
     script = run_dir / "rerun.sbatch"
     script.write_text(rerun_script(launch, run_dir))
     script.chmod(0o755)

@@ -1,0 +1,280 @@
+"""Checks that run inside the opd image (containers/Dockerfile).
+
+    python -m opd.image verify [--device cuda|cpu]          # make container-verify, on a GPU node
+    python -m opd.image versions --freeze FILE torch=2.9.1 ... # the build's check that the labels tell the truth
+    python -m opd.image lock [--out containers/constraints.txt]   # make container-lock: re-resolve the pins
+
+``verify`` answers "is this image what it claims, and does it work here": every installed package against
+the image's lock (``$OPD_IMAGE_CONSTRAINTS``), ``pip check``, a CUDA device visible, verl importable with
+its workers, and one optimisation step of the OPD loss on the device, checked against an fp64 reference.
+Each check prints one line; the exit status is the number of failed checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def canonical(name: str) -> str:
+    """PEP 503 name: the form pip compares (``Flash_Attn`` == ``flash-attn``)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_pins(path: Path) -> dict[str, str]:
+    """``name==version`` lines of a constraints or freeze file (comments, options and URLs skipped)."""
+    pins = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?\s*==\s*([^\s;]+)", line)
+        if match:
+            pins[canonical(match.group(1))] = match.group(3)
+    return pins
+
+
+def installed_versions() -> dict[str, str]:
+    return {canonical(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+
+
+def same_version(have: str, pinned: str) -> bool:
+    """``==`` as pip reads it: a pin without a local label matches any (``2.13.0`` matches ``2.13.0+cpu``)."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        have_v, pinned_v = Version(have), Version(pinned)
+    except InvalidVersion:
+        return have == pinned
+    return have_v == pinned_v or (pinned_v.local is None and have_v.public == pinned_v.public)
+
+
+def compare(expected: dict[str, str], installed: dict[str, str]) -> list[str]:
+    """Problems, one line each; ``absent`` expects a package not to be installed."""
+    problems = []
+    for name, version in sorted(expected.items()):
+        have = installed.get(canonical(name))
+        if version == "absent":
+            if have is not None:
+                problems.append(f"{name}: expected absent, installed {have}")
+        elif have is None:
+            problems.append(f"{name}: expected {version}, not installed")
+        elif not same_version(have, version):
+            problems.append(f"{name}: expected {version}, installed {have}")
+    return problems
+
+
+def versions_main(args: argparse.Namespace) -> int:
+    expected = dict(item.split("=", 1) for item in args.expected)
+    problems = compare(expected, read_pins(args.freeze))
+    for line in problems:
+        print(f"[opd.image] version mismatch: {line}", file=sys.stderr)
+    if problems:
+        print(
+            "[opd.image] the image's labels and the installed packages disagree: make the version ARGs of "
+            "containers/Dockerfile equal the lock (tests/test_containers.py checks the defaults)",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"[opd.image] versions as labelled: {', '.join(f'{k} {v}' for k, v in sorted(expected.items()))}")
+    return 0
+
+
+# --- lock -----------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+LOCK = REPO / "containers" / "constraints.txt"
+# The image's platform: CPython of the base image (Ubuntu 24.04: 3.12, glibc 2.39) on x86-64. pip matches a
+# given --platform exactly, so every manylinux tag that glibc accepts is listed.
+LOCK_PYTHON = "3.12"
+LOCK_PLATFORMS = (
+    *(f"manylinux_2_{minor}_x86_64" for minor in range(39, 4, -1)),
+    *("manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64", "linux_x86_64"),
+)
+# Dependencies published only as sdists (hydra's parser runtime): pip resolves for another platform only
+# from wheels, so these are built here first (pure Python) at the version constraints/cpu.txt pins.
+SDIST_ONLY = ("antlr4-python3-runtime",)
+# One version of each package across environments: the lock starts from constraints/cpu.txt, except for
+# these, which the GPU image must hold at other versions (tests/test_containers.py allows only these).
+DIFFERS_FROM_CPU = {
+    "torch": "the image runs the CUDA build 2.9.1 that sglang 0.5.6 pins; CPU machines use the CPU wheel 2.13.0",
+}
+
+
+def lock_main(args: argparse.Namespace) -> int:
+    """Resolve ``.[train,launch,gpu]`` for the image's platform with pip's resolver (metadata only, no
+    wheels downloaded), holding every package constraints/cpu.txt shares at its version there, and write
+    every package of the result as ``name==version``."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report, wheels = Path(tmp) / "report.json", Path(tmp) / "wheels"
+        cpu_pins = read_pins(REPO / "constraints" / "cpu.txt")
+        sdists = [f"{name}=={cpu_pins[name]}" for name in SDIST_ONLY]
+        shared = Path(tmp) / "cpu-shared.txt"
+        shared.write_text("".join(f"{n}=={v}\n" for n, v in cpu_pins.items() if n not in DIFFERS_FROM_CPU))
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels), *sdists],
+            check=True,
+        )
+        command = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet"]
+        command += ["--report", str(report), "--target", str(Path(tmp) / "target"), "--only-binary=:all:"]
+        command += ["--find-links", str(wheels), "-c", str(shared)]
+        command += ["--python-version", args.python, "--implementation", "cp"]
+        command += [arg for platform in LOCK_PLATFORMS for arg in ("--platform", platform)]
+        command += [*args.pin, f"{REPO}[train,launch,gpu]"]
+        print(f"[opd.image] resolving for CPython {args.python} x86-64: {' '.join(command[4:])}", flush=True)
+        subprocess.run(command, check=True)
+        installed = json.loads(report.read_text())["install"]
+    pins = sorted(
+        (canonical(item["metadata"]["name"]), item["metadata"]["version"])
+        for item in installed
+        if canonical(item["metadata"]["name"]) != "opd"
+    )
+    header = [
+        "# The GPU image's lock: every Python package of containers/Dockerfile, exact (pip install -c).",
+        f"# Resolved for CPython {args.python} x86-64 by `make container-lock` (python -m opd.image lock "
+        + " ".join(args.pin)
+        + ").",
+        "# Shared packages keep their constraints/cpu.txt versions (except opd.image.DIFFERS_FROM_CPU).",
+        "# flash-attn is installed from its release wheel (FLASH_ATTN_WHEEL), not from this file.",
+    ]
+    args.out.write_text("\n".join(header + [f"{name}=={version}" for name, version in pins]) + "\n")
+    print(f"[opd.image] wrote {len(pins)} pins to {args.out}")
+    return 0
+
+
+# --- verify ---------------------------------------------------------------------------------------------
+
+
+def check_lock() -> str:
+    lock = os.environ.get("OPD_IMAGE_CONSTRAINTS")
+    if not lock or not Path(lock).is_file():
+        raise RuntimeError(
+            f"OPD_IMAGE_CONSTRAINTS={lock!r} is not a file: run this inside the opd image "
+            "(make container-verify), whose lock it names"
+        )
+    problems = compare(read_pins(Path(lock)), installed_versions())
+    if problems:
+        raise RuntimeError(f"{len(problems)} packages differ from {lock}: " + "; ".join(problems[:10]))
+    return f"{len(read_pins(Path(lock)))} packages as pinned in {lock}"
+
+
+def check_pip() -> str:
+    result = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError((result.stdout + result.stderr).strip())
+    return result.stdout.strip()
+
+
+def check_cuda(device: str) -> str:
+    import torch
+
+    if device == "cpu":
+        return f"skipped (--device cpu); torch {torch.__version__}"
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"no CUDA device visible (torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}): run it on a GPU node with the GPUs passed in, "
+            "e.g. srun --gpus-per-node=1 make container-verify (apptainer exec --nv)"
+        )
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return f"torch {torch.__version__}, CUDA {torch.version.cuda}, {len(names)} device(s): {', '.join(names)}"
+
+
+def check_verl() -> str:
+    started = time.perf_counter()
+    import verl
+    import verl.trainer.ppo.ray_trainer  # noqa: F401
+    import verl.workers.fsdp_workers  # noqa: F401
+
+    return f"verl {verl.__version__} trainer and FSDP workers import in {time.perf_counter() - started:.1f} s"
+
+
+def check_opd_loss(device: str, n: int = 256, vocab: int = 32_000, hidden: int = 64) -> str:
+    """One SGD step of a small student head under the OPD reverse KL, on ``device``: the loss matches an
+    fp64 autograd reference and the step lowers it."""
+    import torch
+
+    from opd.distill.losses import reduce_divergence, token_divergence
+    from opd.distill.teacher_signal import TeacherSignal
+
+    dev = torch.device("cuda" if device == "cuda" else "cpu")
+    generator = torch.Generator().manual_seed(0)
+    hidden_N_H = torch.randn(n, hidden, generator=generator).to(dev)
+    head_V_H = (torch.randn(vocab, hidden, generator=generator) * 0.3).to(dev).requires_grad_()
+    teacher_N_V = (torch.randn(n, vocab, generator=generator) * 2).to(dev)
+    signal = TeacherSignal.from_logits(teacher_N_V, dtype=torch.float32, device=dev)
+
+    def loss_of(head: torch.Tensor) -> torch.Tensor:
+        return reduce_divergence(token_divergence(hidden_N_H @ head.T, signal, "reverse_kl")[0])
+
+    loss = loss_of(head_V_H)
+    loss.backward()
+    with torch.no_grad():
+        z = (hidden_N_H @ head_V_H.T).double()
+        s, t = torch.log_softmax(z, -1), torch.log_softmax(teacher_N_V.double(), -1)
+        reference = (s.exp() * (s - t)).sum(-1).mean().item()
+        error = abs(loss.item() - reference) / abs(reference)
+        if not error < 1e-4:
+            raise RuntimeError(
+                f"loss {loss.item():.6f} vs fp64 reference {reference:.6f}: relative error {error:.2e}"
+            )
+        head_V_H -= 1.0 * head_V_H.grad
+        after = loss_of(head_V_H).item()
+    if not after < loss.item():
+        raise RuntimeError(f"one SGD step did not lower the loss: {loss.item():.6f} -> {after:.6f}")
+    return f"{dev.type}: reverse KL {loss.item():.4f} -> {after:.4f} after one step (fp64 rel. error {error:.1e})"
+
+
+def verify_main(args: argparse.Namespace) -> int:
+    checks = [
+        ("lock", check_lock),
+        ("pip check", check_pip),
+        ("cuda", lambda: check_cuda(args.device)),
+        ("verl", check_verl),
+        ("opd loss", lambda: check_opd_loss(args.device)),
+    ]
+    failed = 0
+    for name, check in checks:
+        try:
+            print(f"[opd.image] ok   {name}: {check()}", flush=True)
+        except Exception as error:  # every check runs and reports; the status counts the failures
+            failed += 1
+            print(f"[opd.image] FAIL {name}: {error}", flush=True)
+    print(f"[opd.image] {len(checks) - failed}/{len(checks)} checks passed")
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m opd.image", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    verify = commands.add_parser("verify", help="versions, pip check, CUDA, verl import, one OPD loss step")
+    verify.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    versions = commands.add_parser(
+        "versions", help="check NAME=VERSION (or NAME=absent) against a freeze file"
+    )
+    versions.add_argument("--freeze", type=Path, required=True)
+    versions.add_argument("expected", nargs="+", metavar="NAME=VERSION")
+    lock = commands.add_parser(
+        "lock", help="re-resolve the image's pins (needs PyPI; downloads metadata only)"
+    )
+    lock.add_argument("--out", type=Path, default=LOCK)
+    lock.add_argument("--python", default=LOCK_PYTHON)
+    lock.add_argument(
+        "pin",
+        nargs="*",
+        default=["torch==2.9.1", "sglang==0.5.6", "verl==0.7.1", "transformers==4.57.1"],
+        help="top-level pins the resolution starts from",
+    )
+    args = parser.parse_args(argv)
+    return {"verify": verify_main, "versions": versions_main, "lock": lock_main}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Jobs inside the pinned image: the ``container`` config (configs/container/) made into a command.
+
+Every command that must run on the image's stack (the login side's config composition, each node's
+``opd.launch.node``) is prefixed by ``jobs/container_exec.sh RUNTIME IMAGE [options] -- ...``. The script
+runs on the host of each srun task, so the per-task variables (SLURM_PROCID, CUDA_VISIBLE_DEVICES, ...)
+are the task's own; it forwards the allowlisted ones into ``apptainer exec --cleanenv``.
+
+Decided at submission, recorded in ``launch.yaml`` (``container.digest``, ``container.binds``):
+- the image: a SIF file (its sha256, cached next to it in ``<sif>.sha256`` by ``make container-pull``) or
+  ``docker://name@sha256:<digest>``; a tag is refused, it can move;
+- the binds: the run directory, the checkout (``code: bind``), every existing absolute path named by the
+  run's recorded variables, verl overrides or resolved config (models, data, caches), and ``binds``;
+- a missing runtime executable or image file refuses the run before anything is queued.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from opd.launch import SubmissionError
+
+REPO = Path(__file__).resolve().parents[3]
+EXEC_SCRIPT = REPO / "jobs" / "container_exec.sh"
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+INSIDE = "OPD_CONTAINER_DIGEST"  # set inside the container (to the image's digest): the node is in it
+# Host directories never bound: the image brings its own system; /proc, /sys, /dev come with apptainer.
+SYSTEM_DIRS = {"", "bin", "boot", "dev", "etc", "lib", "lib32", "lib64", "proc", "run", "sbin", "sys", "usr"}
+
+
+def enabled(container: dict) -> bool:
+    return bool(container.get("runtime"))
+
+
+def check_runtime(container: dict) -> str:
+    """The runtime's path on this (login) node; it also composes the run's config inside the image."""
+    runtime = container["runtime"]
+    found = shutil.which(runtime)
+    if found is None:
+        raise SubmissionError(
+            f"container={container.get('name', runtime)} needs the `{runtime}` executable, and this node has "
+            f"none on PATH: load it before submitting (e.g. `module load {runtime}`; the GPU nodes need it too, "
+            "see cluster.setup) or run without a container (container=none)"
+        )
+    return found
+
+
+def image_digest(image: str | None) -> str:
+    """``sha256:<hex>`` of the image: from a pinned ``docker://`` reference, or a SIF file's content."""
+    if not image:
+        raise SubmissionError(
+            "the container config names no image: export OPD_IMAGE=/path/to/opd.sif (make container-pull) "
+            "or OPD_IMAGE=docker://<name>@sha256:<digest>"
+        )
+    if "://" in image:
+        scheme, _, reference = image.partition("://")
+        found = DIGEST.search(reference)
+        if scheme != "docker" or not found or not reference.endswith(found.group(0)):
+            raise SubmissionError(
+                f"image {image} is not pinned: use docker://<name>@sha256:<digest> (a tag can move between "
+                "runs) or a SIF file from `make container-pull`"
+            )
+        return found.group(0)
+    path = Path(image)
+    if not path.is_file():
+        raise SubmissionError(
+            f"image {image} does not exist on this node: pull it to the shared filesystem "
+            "(make container-pull SIF_DIR=...) and export OPD_IMAGE=<the .sif it prints>"
+        )
+    return sif_sha256(path)
+
+
+def pulled_from(image: str) -> str | None:
+    """The Docker image digest a SIF was pulled from, when ``make container-pull`` named it
+    (``opd-<hex>.sif``): a new pull of the same digest holds the same image but, apptainer stamping
+    times into the file, another sha256."""
+    found = re.fullmatch(r"opd-([0-9a-f]{64})\.sif", Path(image).name) if "://" not in image else None
+    return f"sha256:{found.group(1)}" if found else None
+
+
+def sif_sha256(path: Path) -> str:
+    """The SIF's sha256; ``<sif>.sha256`` (written by ``make container-pull``, or here the first time)
+    is trusted while it is newer than the SIF, so a 10 GB image is hashed once, not at every submission."""
+    cache = path.with_name(path.name + ".sha256")
+    if cache.is_file() and cache.stat().st_mtime >= path.stat().st_mtime:
+        found = DIGEST.search("sha256:" + cache.read_text().split()[0]) if cache.read_text().split() else None
+        if found:
+            return found.group(0)
+    print(
+        f"[opd] hashing {path} ({path.stat().st_size / 2**30:.1f} GiB) once; cached in {cache}",
+        file=sys.stderr,
+    )
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(1 << 24):
+            digest.update(block)
+    try:
+        cache.write_text(f"{digest.hexdigest()}  {path.name}\n")
+    except OSError:
+        pass  # a read-only image directory: hash again next time
+    return "sha256:" + digest.hexdigest()
+
+
+# Config keys that name files or directories the job reads or writes (model.path, teacher_path, train_files,
+# default_local_dir, ...); other strings that happen to be paths (e.g. verl's Prometheus file) are not bound.
+PATH_KEY = re.compile(r"(path|paths|files|dir)$")
+
+
+def _named_strings(tree, key: str = "") -> Iterable[tuple[str, str]]:
+    if isinstance(tree, dict):
+        for name, value in tree.items():
+            yield from _named_strings(value, str(name))
+    elif isinstance(tree, list | tuple):
+        for value in tree:
+            yield from _named_strings(value, key)
+    elif isinstance(tree, str):
+        yield key, tree
+
+
+def host_paths(tree, every_key: bool = False) -> list[Path]:
+    """Existing absolute paths among the values of ``tree`` under path-like keys (or all keys, for a
+    dict of variables), as directories: a file's directory, so that files written next to it are seen."""
+    found = []
+    for key, text in _named_strings(tree):
+        if not (every_key or PATH_KEY.search(key)) or not text.startswith("/") or "\n" in text:
+            continue
+        path = Path(os.path.normpath(text))
+        if not path.exists():
+            continue
+        path = path if path.is_dir() else path.parent
+        if len(path.parts) > 1 and path.parts[1] not in SYSTEM_DIRS:
+            found.append(path)
+    return found
+
+
+def bind_list(paths: Iterable[str | Path]) -> list[str]:
+    """Absolute, deduplicated, outermost first; a path inside another bound one is dropped."""
+    resolved = sorted({Path(os.path.abspath(p)) for p in paths if p}, key=lambda p: (len(p.parts), str(p)))
+    binds: list[Path] = []
+    for path in resolved:
+        if any(c in str(path) for c in ":,"):
+            raise SubmissionError(
+                f"cannot bind {path} into the container: apptainer's --bind separates paths with ':' and ',' "
+                "(rename or symlink it)"
+            )
+        if not any(path == b or b in path.parents for b in binds):
+            binds.append(path)
+    return [str(b) for b in binds]
+
+
+def code_settings(container: dict) -> dict[str, str]:
+    """``code: bind`` runs the submitting checkout's src/ on the image's packages; ``image`` the image's own opd."""
+    code = container.get("code", "bind")
+    if code == "bind":
+        return {"PYTHONPATH": str(REPO / "src")}
+    if code == "image":
+        return {}
+    raise SubmissionError(
+        f"container.code={code!r}: choose bind (the checkout's src/) or image (the image's opd)"
+    )
+
+
+def exec_prefix(container: dict, allowlist: Iterable[str], gpu: bool = True) -> list[str]:
+    """``bash jobs/container_exec.sh ...  --`` for ``container`` (with ``binds`` already complete);
+    ``gpu=False`` drops ``--nv`` (the login node composing the config has no GPU)."""
+    options = [o for o in container.get("options") or [] if gpu or o != "--nv"]
+    settings = {**{k: str(v) for k, v in (container.get("set") or {}).items()}, **code_settings(container)}
+    settings[INSIDE] = container.get("digest") or "unrecorded"
+    prefix = ["bash", str(EXEC_SCRIPT), container["runtime"], container["image"]]
+    prefix += [arg for option in options for arg in ("--option", option)]
+    prefix += [arg for path in container.get("binds") or [] for arg in ("--bind", path)]
+    patterns = [*(container.get("pass") or []), *allowlist]
+    prefix += [arg for pattern in dict.fromkeys(patterns) for arg in ("--pass", pattern)]
+    prefix += [arg for name, value in settings.items() for arg in ("--set", f"{name}={value}")]
+    return [*prefix, "--"]
