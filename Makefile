@@ -30,10 +30,11 @@ test: setup ## run the whole test suite (builds or reuses the tiny assets; CPU e
 test-fast: setup ## unit tests only (no Ray/verl end-to-end runs)
 	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
 
-lint: setup ## ruff check and format check; hadolint on containers/Dockerfile
+lint: setup ## ruff (check, format), hadolint (containers/Dockerfile), shellcheck (jobs/, containers/ scripts)
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
 	$(VENV)/bin/hadolint containers/Dockerfile
+	$(VENV)/bin/shellcheck -x jobs/*.sh jobs/lib/*.sh containers/*.sh
 
 format: setup ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix src tests

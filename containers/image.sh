@@ -8,7 +8,7 @@
 # (default: ~/.cache/opd/sif), OPD_IMAGE (verify: a SIF, else the docker image IMAGE@DIGEST).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# shellcheck source=published.env
+# shellcheck source=containers/published.env
 source containers/published.env
 IMAGE=${IMAGE:-$IMAGE_NAME}
 DIGEST=${DIGEST:-$IMAGE_DIGEST}

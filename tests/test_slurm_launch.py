@@ -267,6 +267,7 @@ def test_two_node_job_in_the_container_runs_one_ray_cluster_across_both_nodes_fa
     assert train_steps(run_dir) == [1]
     # each node ran inside the image with its own task's variables; the run records the image's sha256
     digest = yaml.safe_load((run_dir / "launch.yaml").read_text())["container"]["digest"]
+    assert f"node 1 runs in the image {digest}" in (run_dir / "logs" / f"slurm-{job}.out").read_text()
     nodes = [json.loads(p.read_text()) for p in calls.glob("*.json")]
     nodes = [call for call in nodes if "opd.launch.node" in call["command"]]
     assert sorted(call["env"]["SLURM_PROCID"] for call in nodes) == ["0", "1"]

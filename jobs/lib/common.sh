@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the seed-compatible launchers in jobs/: Python, platform and GPU count, required variables,
 # and the one mapping from the seed's environment variables to the project's Hydra overrides.
 # Sourced after the launcher has set OPD_REPO; nothing here runs a job.

@@ -235,6 +235,8 @@ class Node:
             shutil.rmtree(stale, ignore_errors=True)
 
     def run(self) -> int:
+        if container.INSIDE in os.environ:
+            _say(f"node {self.rank} runs in the image {os.environ[container.INSIDE]}")
         self.check_allocation()
         self.remove_stale_temp_dirs()
         code = 1
