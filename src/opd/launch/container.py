@@ -153,6 +153,26 @@ def bind_list(paths: Iterable[str | Path]) -> list[str]:
     return [str(b) for b in binds]
 
 
+def resolve(container: dict, run_dir: Path, verl: dict, variables: dict[str, str]) -> None:
+    """Check the runtime and the image, and record in ``container`` the image's digest and the binds the
+    run needs before its config is composed (in the image): the run dir, the checkout, the paths named by
+    the verl overrides and the recorded variables, and the config's own ``binds``."""
+    check_runtime(container)
+    container["digest"] = image_digest(container["image"])
+    container["pulled_from"] = pulled_from(container["image"])
+    code = [REPO] if container.get("code", "bind") == "bind" else []
+    container["binds"] = bind_list(
+        [run_dir, *code, *(container.get("binds") or [])]
+        + host_paths(verl)
+        + host_paths(variables, every_key=True)
+    )
+
+
+def bind_config_paths(container: dict, config: dict) -> None:
+    """Add the paths that only the composed config names (recipe defaults)."""
+    container["binds"] = bind_list(container["binds"] + host_paths(config))
+
+
 def code_settings(container: dict) -> dict[str, str]:
     """``code: bind`` runs the submitting checkout's src/ on the image's packages; ``image`` the image's own opd."""
     code = container.get("code", "bind")

@@ -218,15 +218,8 @@ def prepare(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
         raise SubmissionError("experiment.entry is not set: choose an experiment (experiment=tiny_grpo, ...)")
     spec = launch["container"]
     if container.enabled(spec):
-        container.check_runtime(spec)
-        spec["digest"] = container.image_digest(spec["image"])
-        spec["pulled_from"] = container.pulled_from(spec["image"])
         variables = {name: os.environ[name] for name in launch["env_allowlist"] if name in os.environ}
-        spec["binds"] = container.bind_list(
-            [run_dir, *([REPO] if spec.get("code", "bind") == "bind" else []), *(spec.get("binds") or [])]
-            + container.host_paths(launch["verl"])
-            + container.host_paths(variables, every_key=True)
-        )
+        container.resolve(spec, run_dir, launch["verl"], variables)
     (run_dir / "overrides.txt").write_text(
         "# login overrides\n"
         + "".join(f"{o}\n" for o in overrides)
@@ -239,9 +232,8 @@ def prepare(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
     compose_verl(
         launch["experiment"]["entry"], verl, run_dir / "config.yaml", python_command(launch, gpu=False)
     )
-    if container.enabled(spec):  # paths that only the composed config names (recipe defaults)
-        resolved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
-        spec["binds"] = container.bind_list(spec["binds"] + container.host_paths(resolved))
+    if container.enabled(spec):
+        container.bind_config_paths(spec, OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
     OmegaConf.save(OmegaConf.create(launch), run_dir / "launch.yaml")
     script = run_dir / "rerun.sbatch"
     script.write_text(rerun_script(launch, run_dir))
