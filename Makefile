@@ -61,7 +61,7 @@ convert: setup ## verl FSDP checkpoint -> Hugging Face model: make convert CHECK
 	$(PY) -m opd.checkpoint convert $(CHECKPOINT) $(if $(TARGET),--target $(TARGET))
 
 # --- Containers (containers/README.md) -------------------------------------------------------------------
-container-build: ## GPU image from containers/Dockerfile (docker, else buildah): [IMAGE=name] [TAG=tag]
+container-build: ## GPU image from containers/Dockerfile (docker, else buildah): [IMAGE=] [TAG=] [ROLLOUT=sglang|vllm]
 	bash containers/build.sh gpu
 
 container-build-cpu: ## the same Dockerfile on a local Debian base with constraints/cpu.txt (buildah, offline)
@@ -70,8 +70,8 @@ container-build-cpu: ## the same Dockerfile on a local Debian base with constrai
 container-test-cpu: container-build-cpu ## inside the CPU image: import opd, verl; the unit tests
 	bash containers/build.sh cpu-test
 
-container-lock: setup ## re-resolve containers/constraints.txt (the GPU image's pins) for its Python; needs PyPI
-	$(PY) -m opd.image lock
+container-lock: setup ## re-resolve the GPU image's lock(s) for its Python (needs PyPI): [ROLLOUT=sglang|vllm]
+	$(if $(ROLLOUT),$(PY) -m opd.image lock --variant $(ROLLOUT),$(PY) -m opd.image lock --variant sglang && $(PY) -m opd.image lock --variant vllm)
 
 container-push: ## push IMAGE:TAG and record its digest in containers/published.env
 	bash containers/image.sh push

@@ -3,6 +3,7 @@
 #
 #   bash containers/build.sh gpu        # make container-build: the GPU image, Dockerfile defaults;
 #                                       #   docker if an engine answers, else buildah. [IMAGE=name] [TAG=tag]
+#                                       #   [ROLLOUT=vllm: the vLLM variant, containers/constraints-vllm.txt]
 #   bash containers/build.sh cpu        # make container-build-cpu: constraints/cpu.txt on a local Debian
 #                                       #   bookworm base made offline (debootstrap), buildah only
 #   bash containers/build.sh cpu-test [PYTEST_ARGS...]
@@ -208,20 +209,34 @@ git_tag() {  # the commit, marked -dirty when the working tree differs from it (
 }
 
 build_gpu() {
-    local image=${IMAGE:-ghcr.io/opd-project/opd} tag=${TAG:-} start
+    local image=${IMAGE:-ghcr.io/opd-project/opd} tag=${TAG:-} start args=()
     [[ -n $tag ]] || tag=$(git_tag)
+    # The Dockerfile's defaults are the GPU image with sglang: CUDA base by digest, containers/constraints.txt,
+    # the flash-attn release wheel. ROLLOUT=vllm: the vLLM variant, its lock and versions (tag -vllm).
+    case ${ROLLOUT:-sglang} in
+        sglang) ;;
+        vllm)
+            local lock=containers/constraints-vllm.txt
+            args+=(--build-arg "CONSTRAINTS=$lock" --build-arg "EXTRAS=train,launch,vllm")
+            args+=(--build-arg SGLANG_VERSION=absent --build-arg "VLLM_VERSION=$(pin "$lock" vllm)")
+            args+=(--build-arg "TORCH_VERSION=$(pin "$lock" torch)" --build-arg "VERL_VERSION=$(pin "$lock" verl)")
+            args+=(--build-arg "TRANSFORMERS_VERSION=$(pin "$lock" transformers)")
+            args+=(--build-arg "TENSORDICT_VERSION=$(pin "$lock" tensordict)" --build-arg "RAY_VERSION=$(pin "$lock" ray)")
+            tag+=-vllm
+            ;;
+        *) die "ROLLOUT=$ROLLOUT: choose sglang (default) or vllm" ;;
+    esac
     start=$(now)
-    # The Dockerfile's defaults are the GPU image: CUDA base by digest, containers/constraints.txt, the
-    # flash-attn release wheel. Docker where an engine answers; else buildah with its default isolation.
+    # Docker where an engine answers; else buildah with its default isolation.
     if command -v docker >/dev/null && timeout 60 docker info >/dev/null 2>&1; then
         log "build: $image:$tag with docker"
-        docker build -f "$DOCKERFILE" -t "$image:$tag" .
+        docker build -f "$DOCKERFILE" -t "$image:$tag" "${args[@]}" .
         log "build phase: $(elapsed "$start") s"
         docker image inspect --format '{{.Id}}  size {{.Size}} bytes' "$image:$tag" >&2
     elif command -v buildah >/dev/null; then
         log "build: $image:$tag with buildah (no Docker engine answers)"
         # --format docker keeps the Dockerfile's SHELL, which the OCI format would drop.
-        buildah bud --format docker --layers -f "$DOCKERFILE" -t "$image:$tag" .
+        buildah bud --format docker --layers -f "$DOCKERFILE" -t "$image:$tag" "${args[@]}" .
         log "build phase: $(elapsed "$start") s"
         image_summary "$image:$tag"
     else

@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import REPO
-from opd.image import DIFFERS_FROM_CPU, LOCK, LOCK_PYTHON, canonical, compare, read_pins
+from opd.image import LOCK, LOCK_PYTHON, VARIANTS, canonical, compare, read_pins
 from opd.launch import CONFIGS, SubmissionError
 
 DOCKERFILE = REPO / "containers" / "Dockerfile"
@@ -63,16 +63,44 @@ def test_dockerfile_version_labels_and_base_are_the_locks_pins():
     assert f"-cp{LOCK_PYTHON.replace('.', '')}-" in wheel
 
 
-def test_locks_share_one_version_of_every_common_package():
-    differing = {
-        n: (CPU_PINS[n], GPU_PINS[n]) for n in set(CPU_PINS) & set(GPU_PINS) if CPU_PINS[n] != GPU_PINS[n]
-    }
-    assert set(differing) == set(DIFFERS_FROM_CPU), differing
-    assert GPU_PINS["torch"] == "2.9.1" and GPU_PINS["sglang"] == "0.5.6" and GPU_PINS["verl"] == "0.7.1"
-    assert (
-        CPU_PINS["verl"] == GPU_PINS["verl"]
-        and CPU_PINS["transformers"] == GPU_PINS["transformers"] == "4.57.1"
-    )
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_locks_share_one_version_of_every_common_package(variant):
+    lock = read_pins(VARIANTS[variant].lock)
+    differing = {n: (CPU_PINS[n], lock[n]) for n in set(CPU_PINS) & set(lock) if CPU_PINS[n] != lock[n]}
+    assert set(differing) == set(VARIANTS[variant].differs_from_cpu), differing
+    for pin in VARIANTS[variant].pins:  # the resolution's starting points hold
+        name, version = pin.split("==")
+        assert lock[canonical(name)] == version
+    assert lock["verl"] == CPU_PINS["verl"] == "0.7.1" and lock["transformers"] == "4.57.1"
+
+
+def fake_buildah_build(tmp_path, *args: str, **env: str) -> list[str]:
+    """``containers/build.sh`` with a FAKE buildah (records its arguments; no image is built): the
+    build arguments each variant derives from its lock."""
+    fake = tmp_path / "bin" / "buildah"
+    fake.parent.mkdir(exist_ok=True)
+    fake.write_text('#!/bin/bash\necho "$*" >> "$(dirname "$0")/calls"\n')
+    fake.chmod(0o755)
+    environment = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "TAG": "t", **env}
+    result = subprocess.run(["bash", str(REPO / "containers" / "build.sh"), *args], env=environment,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    [bud] = [line for line in (fake.parent / "calls").read_text().splitlines() if line.startswith("bud ")]
+    return bud.split()
+
+
+@pytest.mark.parametrize(("mode", "rollout", "lock"), [
+    ("gpu", "vllm", VARIANTS["vllm"].lock), ("cpu", "", REPO / "constraints" / "cpu.txt"),
+])  # fmt: skip
+def test_variant_builds_take_their_version_labels_from_their_lock_fake_buildah(tmp_path, mode, rollout, lock):
+    bud = fake_buildah_build(tmp_path, mode, ROLLOUT=rollout, OPD_CONTAINER_CACHE=str(tmp_path / "cache"))
+    args = dict(bud[i + 1].split("=", 1) for i, a in enumerate(bud) if a == "--build-arg")
+    pins = read_pins(lock)
+    assert args["CONSTRAINTS"] == str(lock.relative_to(REPO))
+    for package in ("torch", "verl", "transformers", "tensordict", "ray"):
+        assert args[f"{package.upper()}_VERSION"] == pins[package]
+    assert args["SGLANG_VERSION"] == "absent"
+    assert args.get("VLLM_VERSION", "absent") == pins.get("vllm", "absent")
 
 
 def test_apptainer_definition_parses_and_bootstraps_from_the_image_by_digest():

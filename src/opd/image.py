@@ -2,7 +2,7 @@
 
     python -m opd.image verify [--device cuda|cpu]          # make container-verify, on a GPU node
     python -m opd.image versions --freeze FILE torch=2.9.1 ... # the build's check that the labels tell the truth
-    python -m opd.image lock [--out containers/constraints.txt]   # make container-lock: re-resolve the pins
+    python -m opd.image lock [--variant sglang|vllm]          # make container-lock: re-resolve a lock
 
 ``verify`` answers "is this image what it claims, and does it work here": every installed package against
 the image's lock (``$OPD_IMAGE_CONSTRAINTS``), ``pip check``, a CUDA device visible, verl importable with
@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -87,7 +88,6 @@ def versions_main(args: argparse.Namespace) -> int:
 # --- lock -----------------------------------------------------------------------------------------------
 
 REPO = Path(__file__).resolve().parents[2]
-LOCK = REPO / "containers" / "constraints.txt"
 # The image's platform: CPython of the base image (Ubuntu 24.04: 3.12, glibc 2.39) on x86-64. pip matches a
 # given --platform exactly, so every manylinux tag that glibc accepts is listed.
 LOCK_PYTHON = "3.12"
@@ -98,17 +98,46 @@ LOCK_PLATFORMS = (
 # Dependencies published only as sdists (hydra's parser runtime): pip resolves for another platform only
 # from wheels, so these are built here first (pure Python) at the version constraints/cpu.txt pins.
 SDIST_ONLY = ("antlr4-python3-runtime",)
-# One version of each package across environments: the lock starts from constraints/cpu.txt, except for
-# these, which the GPU image must hold at other versions (tests/test_containers.py allows only these).
-DIFFERS_FROM_CPU = {
-    "torch": "the image runs the CUDA build 2.9.1 that sglang 0.5.6 pins; CPU machines use the CPU wheel 2.13.0",
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One GPU image: the extra that brings its rollout engine, the top-level pins its resolution starts
+    from, its lock, and the packages it holds at other versions than constraints/cpu.txt, with the reason
+    (one version of each package across environments otherwise; tests/test_containers.py allows only these)."""
+
+    extra: str
+    pins: tuple[str, ...]
+    lock: Path
+    differs_from_cpu: dict[str, str]
+
+
+VARIANTS = {
+    "sglang": Variant(
+        extra="gpu",
+        pins=("torch==2.9.1", "sglang==0.5.6", "verl==0.7.1", "transformers==4.57.1"),
+        lock=REPO / "containers" / "constraints.txt",
+        differs_from_cpu={
+            "torch": "the CUDA build 2.9.1, which sglang 0.5.6 pins; CPU machines use the CPU wheel 2.13.0"
+        },
+    ),
+    "vllm": Variant(
+        extra="vllm",
+        pins=("torch==2.9.0", "vllm==0.12.0", "verl==0.7.1", "transformers==4.57.1"),
+        lock=REPO / "containers" / "constraints-vllm.txt",
+        differs_from_cpu={
+            "torch": "the CUDA build 2.9.0, which vllm 0.12.0 pins; CPU machines use the CPU wheel 2.13.0"
+        },
+    ),
 }
+LOCK = VARIANTS["sglang"].lock
 
 
 def lock_main(args: argparse.Namespace) -> int:
-    """Resolve ``.[train,launch,gpu]`` for the image's platform with pip's resolver (metadata only, no
-    wheels downloaded), holding every package constraints/cpu.txt shares at its version there, and write
-    every package of the result as ``name==version``."""
+    """Resolve ``.[train,launch,<extra>]`` of a variant for the image's platform with pip's resolver
+    (metadata only, no wheels downloaded), holding every package constraints/cpu.txt shares at its version
+    there, and write every package of the result as ``name==version``."""
+    variant = VARIANTS[args.variant]
     import json
     import tempfile
 
@@ -117,7 +146,9 @@ def lock_main(args: argparse.Namespace) -> int:
         cpu_pins = read_pins(REPO / "constraints" / "cpu.txt")
         sdists = [f"{name}=={cpu_pins[name]}" for name in SDIST_ONLY]
         shared = Path(tmp) / "cpu-shared.txt"
-        shared.write_text("".join(f"{n}=={v}\n" for n, v in cpu_pins.items() if n not in DIFFERS_FROM_CPU))
+        shared.write_text(
+            "".join(f"{n}=={v}\n" for n, v in cpu_pins.items() if n not in variant.differs_from_cpu)
+        )
         subprocess.run(
             [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels), *sdists],
             check=True,
@@ -127,7 +158,7 @@ def lock_main(args: argparse.Namespace) -> int:
         command += ["--find-links", str(wheels), "-c", str(shared)]
         command += ["--python-version", args.python, "--implementation", "cp"]
         command += [arg for platform in LOCK_PLATFORMS for arg in ("--platform", platform)]
-        command += [*args.pin, f"{REPO}[train,launch,gpu]"]
+        command += [*variant.pins, f"{REPO}[train,launch,{variant.extra}]"]
         print(f"[opd.image] resolving for CPython {args.python} x86-64: {' '.join(command[4:])}", flush=True)
         subprocess.run(command, check=True)
         installed = json.loads(report.read_text())["install"]
@@ -137,15 +168,15 @@ def lock_main(args: argparse.Namespace) -> int:
         if canonical(item["metadata"]["name"]) != "opd"
     )
     header = [
-        "# The GPU image's lock: every Python package of containers/Dockerfile, exact (pip install -c).",
-        f"# Resolved for CPython {args.python} x86-64 by `make container-lock` (python -m opd.image lock "
-        + " ".join(args.pin)
-        + ").",
-        "# Shared packages keep their constraints/cpu.txt versions (except opd.image.DIFFERS_FROM_CPU).",
+        f"# The {args.variant} GPU image's lock: every Python package of containers/Dockerfile, exact (pip install -c).",
+        f"# Resolved for CPython {args.python} x86-64 from {' '.join(variant.pins)} and .[train,launch,"
+        f"{variant.extra}]",
+        f"# by `make container-lock` (python -m opd.image lock --variant {args.variant}). Shared packages keep",
+        f"# their constraints/cpu.txt versions, except {', '.join(variant.differs_from_cpu)} (opd.image.VARIANTS).",
         "# flash-attn is installed from its release wheel (FLASH_ATTN_WHEEL), not from this file.",
     ]
-    args.out.write_text("\n".join(header + [f"{name}=={version}" for name, version in pins]) + "\n")
-    print(f"[opd.image] wrote {len(pins)} pins to {args.out}")
+    variant.lock.write_text("\n".join(header + [f"{name}=={version}" for name, version in pins]) + "\n")
+    print(f"[opd.image] wrote {len(pins)} pins to {variant.lock}")
     return 0
 
 
@@ -264,14 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     lock = commands.add_parser(
         "lock", help="re-resolve the image's pins (needs PyPI; downloads metadata only)"
     )
-    lock.add_argument("--out", type=Path, default=LOCK)
+    lock.add_argument("--variant", choices=sorted(VARIANTS), default="sglang")
     lock.add_argument("--python", default=LOCK_PYTHON)
-    lock.add_argument(
-        "pin",
-        nargs="*",
-        default=["torch==2.9.1", "sglang==0.5.6", "verl==0.7.1", "transformers==4.57.1"],
-        help="top-level pins the resolution starts from",
-    )
     args = parser.parse_args(argv)
     return {"verify": verify_main, "versions": versions_main, "lock": lock_main}[args.command](args)
 
