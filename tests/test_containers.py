@@ -51,7 +51,9 @@ def test_dockerfile_version_labels_and_base_are_the_locks_pins():
     for arg, value in args.items():
         if arg.endswith("_VERSION") and arg != "FLASH_ATTN_VERSION":
             package = canonical(arg.removesuffix("_VERSION"))
-            assert GPU_PINS[package] == value, f"ARG {arg}={value} but {LOCK.name} pins {GPU_PINS[package]}"
+            assert GPU_PINS.get(package, "absent") == value, (
+                f"ARG {arg}={value}, {LOCK.name}: {GPU_PINS.get(package)}"
+            )
     assert {"torch", "sglang", "verl", "transformers", "tensordict", "ray"} <= {
         canonical(a.removesuffix("_VERSION")) for a in args if a.endswith("_VERSION")
     }
@@ -97,6 +99,19 @@ def test_variant_builds_take_their_version_labels_from_their_lock_fake_buildah(t
     args = dict(bud[i + 1].split("=", 1) for i, a in enumerate(bud) if a == "--build-arg")
     pins = read_pins(lock)
     assert args["CONSTRAINTS"] == str(lock.relative_to(REPO))
+    # every argument is one the Dockerfile declares, and the lock reaches the build (context and COPY)
+    declared = set(re.findall(r"^ARG (\w+)", DOCKERFILE.read_text(), flags=re.M))
+    assert set(args) <= declared, set(args) - declared
+    copied = [
+        s
+        for line in re.findall(r"^COPY (.+)$", DOCKERFILE.read_text(), flags=re.M)
+        for s in line.split()[:-1]
+    ]
+    sent = [line[1:] for line in (REPO / ".dockerignore").read_text().splitlines() if line.startswith("!")]
+    for sources in (copied, sent):
+        assert any(
+            args["CONSTRAINTS"] == s or args["CONSTRAINTS"].startswith(s.rstrip("/") + "/") for s in sources
+        )
     for package in ("torch", "verl", "transformers", "tensordict", "ray"):
         assert args[f"{package.upper()}_VERSION"] == pins[package]
     assert args["SGLANG_VERSION"] == "absent"
