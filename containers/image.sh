@@ -20,6 +20,8 @@ need_digest() {
     [[ $DIGEST =~ ^sha256:[0-9a-f]{64}$ ]] || die "no image digest (DIGEST='$DIGEST'): pass DIGEST=sha256:... or publish one with make container-push (containers/published.env)"
 }
 docker_engine() { command -v docker >/dev/null && docker info >/dev/null 2>&1; }
+sif="$SIF_DIR/opd-${DIGEST#sha256:}.sif"  # named by the Docker digest it comes from (opd.launch.container.pulled_from)
+record_sha256() { (cd "$SIF_DIR" && sha256sum "$(basename "$sif")" > "$(basename "$sif").sha256"); }
 
 case ${1:-} in
 push)
@@ -40,14 +42,13 @@ push)
 pull)
     need_digest
     need apptainer "load it (module load apptainer) on a node that may pull images"
-    sif="$SIF_DIR/opd-${DIGEST#sha256:}.sif"
     mkdir -p "$SIF_DIR"
     if [[ -f $sif && -f $sif.sha256 ]]; then
         echo "already pulled: $sif"
     else
         apptainer pull "$sif.partial" "docker://$IMAGE@$DIGEST"
         mv "$sif.partial" "$sif"
-        (cd "$SIF_DIR" && sha256sum "$(basename "$sif")" > "$(basename "$sif").sha256")
+        record_sha256
     fi
     echo "sha256 $(cut -d' ' -f1 "$sif.sha256")"
     echo "export OPD_IMAGE=$sif    # then: make sweep-opd ARGS='container=apptainer'"
@@ -55,10 +56,9 @@ pull)
 sif)
     need_digest
     need apptainer "load it (module load apptainer)"
-    sif="$SIF_DIR/opd-${DIGEST#sha256:}.sif"
     mkdir -p "$SIF_DIR"
     apptainer build --build-arg "IMAGE=$IMAGE" --build-arg "DIGEST=$DIGEST" "$sif" containers/opd.def
-    (cd "$SIF_DIR" && sha256sum "$(basename "$sif")" > "$(basename "$sif").sha256")
+    record_sha256
     echo "export OPD_IMAGE=$sif"
     ;;
 verify)

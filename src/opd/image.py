@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from opd.launch import REPO
 
 
 def canonical(name: str) -> str:
@@ -87,7 +91,6 @@ def versions_main(args: argparse.Namespace) -> int:
 
 # --- lock -----------------------------------------------------------------------------------------------
 
-REPO = Path(__file__).resolve().parents[2]
 # The image's platform: CPython of the base image (Ubuntu 24.04: 3.12, glibc 2.39) on x86-64. pip matches a
 # given --platform exactly, so every manylinux tag that glibc accepts is listed.
 LOCK_PYTHON = "3.12"
@@ -138,9 +141,6 @@ def lock_main(args: argparse.Namespace) -> int:
     (metadata only, no wheels downloaded), holding every package constraints/cpu.txt shares at its version
     there, and write every package of the result as ``name==version``."""
     variant = VARIANTS[args.variant]
-    import json
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         report, wheels = Path(tmp) / "report.json", Path(tmp) / "wheels"
         cpu_pins = read_pins(REPO / "constraints" / "cpu.txt")

@@ -4,7 +4,8 @@ cluster per job) of opd. Nothing here imports torch or verl at import time: logi
 
 from pathlib import Path
 
-CONFIGS = str(Path(__file__).resolve().parents[3] / "configs")
+REPO = Path(__file__).resolve().parents[3]  # the checkout: configs/, jobs/, containers/
+CONFIGS = str(REPO / "configs")
 JOBS_FILE = "jobs.tsv"  # in a sweep or run directory: job id, run directory, sweep point (one line per job)
 REFUSED_FILE = "refused.txt"  # in a sweep directory: why the launcher refused to submit
 

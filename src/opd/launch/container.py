@@ -23,9 +23,8 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from opd.launch import SubmissionError
+from opd.launch import REPO, SubmissionError
 
-REPO = Path(__file__).resolve().parents[3]
 EXEC_SCRIPT = REPO / "jobs" / "container_exec.sh"
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 INSIDE = "OPD_CONTAINER_DIGEST"  # set inside the container (to the image's digest): the node is in it
@@ -88,9 +87,9 @@ def sif_sha256(path: Path) -> str:
     is trusted while it is newer than the SIF, so a 10 GB image is hashed once, not at every submission."""
     cache = path.with_name(path.name + ".sha256")
     if cache.is_file() and cache.stat().st_mtime >= path.stat().st_mtime:
-        found = DIGEST.search("sha256:" + cache.read_text().split()[0]) if cache.read_text().split() else None
+        found = re.match(r"[0-9a-f]{64}\b", cache.read_text())
         if found:
-            return found.group(0)
+            return "sha256:" + found.group(0)
     print(
         f"[opd] hashing {path} ({path.stat().st_size / 2**30:.1f} GiB) once; cached in {cache}",
         file=sys.stderr,
@@ -160,7 +159,7 @@ def resolve(container: dict, run_dir: Path, verl: dict, variables: dict[str, str
     check_runtime(container)
     container["digest"] = image_digest(container["image"])
     container["pulled_from"] = pulled_from(container["image"])
-    code = [REPO] if container.get("code", "bind") == "bind" else []
+    code = [REPO] if _code(container) == "bind" else []
     container["binds"] = bind_list(
         [run_dir, *code, *(container.get("binds") or [])]
         + host_paths(verl)
@@ -173,16 +172,18 @@ def bind_config_paths(container: dict, config: dict) -> None:
     container["binds"] = bind_list(container["binds"] + host_paths(config))
 
 
-def code_settings(container: dict) -> dict[str, str]:
-    """``code: bind`` runs the submitting checkout's src/ on the image's packages; ``image`` the image's own opd."""
+def _code(container: dict) -> str:
+    """``bind``: the submitting checkout's src/ runs on the image's packages; ``image``: the image's own opd."""
     code = container.get("code", "bind")
-    if code == "bind":
-        return {"PYTHONPATH": str(REPO / "src")}
-    if code == "image":
-        return {}
-    raise SubmissionError(
-        f"container.code={code!r}: choose bind (the checkout's src/) or image (the image's opd)"
-    )
+    if code not in ("bind", "image"):
+        raise SubmissionError(
+            f"container.code={code!r}: choose bind (the checkout's src/) or image (the image's opd)"
+        )
+    return code
+
+
+def code_settings(container: dict) -> dict[str, str]:
+    return {"PYTHONPATH": str(REPO / "src")} if _code(container) == "bind" else {}
 
 
 def exec_prefix(container: dict, allowlist: Iterable[str], gpu: bool = True) -> list[str]:

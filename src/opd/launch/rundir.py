@@ -23,9 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 import opd.config  # noqa: F401  (opd.* resolvers used by the login configs)
-from opd.launch import SubmissionError, container
-
-REPO = Path(__file__).resolve().parents[3]
+from opd.launch import REPO, SubmissionError, container
 
 
 def _value(value) -> str:
