@@ -37,8 +37,20 @@ def _tiny_dir(name: str = "") -> str:
     return str(default_dir() / name)
 
 
+def _verl_config_dir() -> str:
+    """verl's trainer configs, found without importing verl: ``pkg://verl.trainer.config`` imports the
+    package (torch, Ray, transformers: ~5 CPU-seconds) only to list YAML files, on every composition."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("verl")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("verl is not installed: make setup (or pip install -e '.[train]')")
+    return os.path.join(next(iter(spec.submodule_search_locations)), "trainer", "config")
+
+
 def register_resolvers() -> None:
     for name, fn in (
+        ("opd.verl_config_dir", _verl_config_dir),
         ("opd.tiny_dir", _tiny_dir),
         ("opd.basename", _basename),
         ("opd.safe_name", _safe_name),
