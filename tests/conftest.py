@@ -45,7 +45,6 @@ def tiny_launcher_env(
         TRAIN_BATCH_SIZE="8",
         PPO_MINI_BATCH_SIZE="8",
         PPO_MICRO_BATCH_SIZE_PER_GPU="8",
-        LOG_PROB_MICRO_BATCH_SIZE_PER_GPU="32",
         ROLLOUT_N="4",
         MAX_PROMPT_LENGTH="128",
         MAX_RESPONSE_LENGTH="24",

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 
 def _main_grpo(*overrides: str) -> subprocess.CompletedProcess:
@@ -33,8 +34,10 @@ def _assert_one_clear_error(result: subprocess.CompletedProcess, *must_contain: 
     return lines[0]
 
 
-def test_missing_model_path(tiny_assets, tmp_path):
-    missing = tmp_path / "no_such_model"
+@pytest.mark.parametrize("where", ["nested", "one_slash"])
+def test_missing_model_path(tiny_assets, tmp_path, where):
+    # "/no_such_model" has the one slash of a hub id ("org/name"): it is still a path
+    missing = tmp_path / "no_such_model" if where == "nested" else "/no_such_model"
     result = _main_grpo(f"actor_rollout_ref.model.path={missing}", *_data(tiny_assets))
     _assert_one_clear_error(result, str(missing), "does not exist", "actor_rollout_ref.model.path")
 

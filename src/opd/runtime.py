@@ -6,7 +6,9 @@ algorithm. Nothing here imports verl or torch at import time.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 from contextlib import contextmanager
 
@@ -33,7 +35,7 @@ def configure_ray(config: DictConfig) -> None:
     A bare ``ray.init()`` attaches to whatever cluster ``/tmp/ray/ray_current_cluster`` names, possibly
     another user's: use ``RAY_ADDRESS`` (set by the in-job launcher) or start a private local cluster.
     """
-    from opd.backends.cpu import SETUP_HOOK, ray_init_overrides
+    from opd.backends.cpu import ray_init_overrides
 
     with open_dict(config):
         ray_init = config.ray_kwargs.ray_init
@@ -41,8 +43,8 @@ def configure_ray(config: DictConfig) -> None:
             ray_init.address = os.environ.get("RAY_ADDRESS") or "local"
         if ray_init.get("runtime_env") is None:
             ray_init.runtime_env = {}
-        # Registers the `hf` rollout everywhere; applies the CPU adaptation only where CUDA is absent.
-        ray_init.runtime_env.worker_process_setup_hook = SETUP_HOOK
+        # Appending metrics file and the `hf` rollout everywhere; the CPU adaptation only where CUDA is absent.
+        ray_init.runtime_env.worker_process_setup_hook = RAY_WORKER_SETUP
         if config.trainer.device == "cpu":
             n_workers = config.trainer.n_gpus_per_node * config.trainer.nnodes
             cpu = ray_init_overrides(n_workers)
@@ -66,6 +68,77 @@ def route_metrics_file(config: DictConfig, run_dir: str) -> None:
         runtime_env.env_vars.VERL_FILE_LOGGER_PATH = os.path.abspath(path)
 
 
+def resume_step(config: DictConfig) -> int:
+    """The step a run will resume from (0: none, it trains from scratch), read as verl will read it."""
+    trainer = config.trainer
+    mode = trainer.get("resume_mode", "auto")
+    if mode == "disable":
+        return 0
+    if mode == "resume_path":
+        match = re.search(r"global_step_(\d+)", str(trainer.get("resume_from_path") or ""))
+        return int(match.group(1)) if match else 0
+    marker = os.path.join(str(trainer.default_local_dir), "latest_checkpointed_iteration.txt")
+    try:
+        with open(marker) as f:
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def trim_metrics_file(path: str, keep_through_step: int) -> None:
+    """Keep the records of steps up to ``keep_through_step`` (the checkpoint a requeued job resumes from)
+    and drop the rest: those steps run again. From scratch (step 0) nothing is kept, so the metrics of an
+    earlier attempt never mix with a new run's. A torn last line (a killed writer) is dropped too."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    kept = []
+    for line in lines if keep_through_step > 0 else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if line.endswith(b"\n") and record.get("step", 0) <= keep_through_step:
+            kept.append(line)
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def keep_metrics_across_attempts() -> None:
+    """verl's ``file`` logger opens its file with "wb", so a requeued job's second attempt would erase the
+    first attempt's metrics; append instead (the driver trimmed the file to the resumed step first)."""
+    from verl.utils import tracking
+
+    original = tracking.FileLogger.__init__
+    if getattr(original, "appends", False):
+        return
+
+    def __init__(self, project_name: str, experiment_name: str):
+        path = os.environ.get("VERL_FILE_LOGGER_PATH")
+        if not path:
+            return original(self, project_name, experiment_name)
+        self.project_name, self.experiment_name, self.filepath = project_name, experiment_name, path
+        self.fp = open(path, "ab", buffering=0)  # noqa: SIM115 (closed by FileLogger.finish)
+
+    __init__.appends = True
+    tracking.FileLogger.__init__ = __init__
+
+
+RAY_WORKER_SETUP = "opd.runtime.setup_ray_worker"
+
+
+def setup_ray_worker() -> None:
+    """Ray ``worker_process_setup_hook`` of every run: metrics that survive a requeue, then the CPU
+    backend's registration (which changes nothing else where CUDA is present)."""
+    from opd.backends.cpu import setup_worker
+
+    keep_metrics_across_attempts()
+    setup_worker()
+
+
 def prepare(config: DictConfig, run_dir: str | None = None, check=check_inputs) -> DictConfig:
     """Validate and complete a verl config in the driver; raise InputError with a clear message.
 
@@ -76,6 +149,9 @@ def prepare(config: DictConfig, run_dir: str | None = None, check=check_inputs) 
     check(config)
     configure_ray(config)
     route_metrics_file(config, run_dir or os.getcwd())
+    trim_metrics_file(
+        config.ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH, resume_step(config)
+    )
     if config.trainer.device == "cpu":
         from opd.backends.cpu import setup_worker
 

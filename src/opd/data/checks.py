@@ -44,7 +44,8 @@ def resolve_model_dir(
 
 
 def _hub_cache_dir(repo_id: str) -> str | None:
-    if repo_id.count("/") != 1:
+    # a hub id is "org/name": an absolute or home-relative path (``/no_such_model``) is a path, not an id
+    if repo_id.count("/") != 1 or repo_id.startswith(("/", "~", ".")):
         return None
     try:
         from huggingface_hub import try_to_load_from_cache

@@ -112,7 +112,12 @@ class OPDActorRolloutRefWorker(AsyncActorRolloutRefWorker):
 
         with _phase("teacher", metrics):
             signals = self._teacher_signals(micro, opd_config)
-        metrics["opd/teacher_signal_mb"] = sum(s.nbytes_per_token() * s.num_tokens for s in signals) / 2**20
+        signal_bytes = sum(s.nbytes_per_token() * s.num_tokens for s in signals)
+        metrics["opd/teacher_signal_mb"] = signal_bytes / 2**20
+        # which signal the teacher really sent, in its own unit (logits 2V, hidden 2H, topk 8K+4, sampled 8)
+        metrics["opd/teacher_signal_bytes_per_token"] = signal_bytes / max(
+            sum(s.num_tokens for s in signals), 1
+        )
 
         with _phase("student", metrics):
             step = int(data.meta_info.get("global_steps", 0))
@@ -163,11 +168,13 @@ class OPDActorRolloutRefWorker(AsyncActorRolloutRefWorker):
         pairs = list(zip(micro, signals, strict=True))
         loss_type = self.divergence_at(step, opd_config)
         totals = {"div": 0.0, "entropy": 0.0, "tokens": 0, "kept": 0.0}
-        grad_norms = []
+        grad_norms, epoch_divergence = [], []
         for _ in range(actor.ppo_epochs):
+            div_before, tokens_before = totals["div"], totals["tokens"]
             for start in range(0, len(pairs), per_mini):
                 mini = pairs[start : start + per_mini]
                 grad_norms.append(self._mini_batch_step(mini, opd_config, loss_type, step, totals))
+            epoch_divergence.append((totals["div"] - div_before) / max(totals["tokens"] - tokens_before, 1))
         lr = self.actor_lr_scheduler.get_last_lr()[0]
         self.actor_lr_scheduler.step()
         if self._is_offload_param:
@@ -177,6 +184,12 @@ class OPDActorRolloutRefWorker(AsyncActorRolloutRefWorker):
         n_tokens = max(totals["tokens"], 1)
         return {
             "opd/divergence": totals["div"] / n_tokens,
+            # the same value under the divergence actually optimised, so a run can show which one it was
+            f"opd/divergence/{loss_type}": totals["div"] / n_tokens,
+            # the same rows before and after this step's updates (ppo_epochs > 1): did the updates move the
+            # student toward the teacher?
+            "opd/divergence_first_epoch": epoch_divergence[0],
+            "opd/divergence_last_epoch": epoch_divergence[-1],
             "opd/selected_token_fraction": totals["kept"] / n_tokens,
             "opd/optimizer_steps": len(grad_norms),
             "actor/entropy": totals["entropy"] / n_tokens,  # replaces verl's (skipped) old-log-prob pass

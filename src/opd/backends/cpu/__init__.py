@@ -1,13 +1,12 @@
 """verl on CPU: a platform adaptation and the ``hf`` rollout backend (the project's "embedded default").
 
 Select it in any verl config with ``actor_rollout_ref.rollout.name=hf`` and ``trainer.device=cpu``;
-``ray_init_overrides`` gives the Ray settings that make every worker process apply it. On a CUDA machine
+``ray_init_overrides`` gives the Ray resources such a run needs; ``opd.runtime.setup_ray_worker`` (every
+run's Ray ``worker_process_setup_hook``) applies the adaptation in every worker process. On a CUDA machine
 ``setup_worker`` only registers the ``hf`` name and changes nothing else.
 """
 
 from __future__ import annotations
-
-SETUP_HOOK = "opd.backends.cpu.setup_worker"
 
 
 def setup_worker() -> None:
@@ -30,5 +29,4 @@ def ray_init_overrides(n_workers: int) -> dict:
         "num_cpus": max(8, 3 * n_workers + 4),
         "num_gpus": n_workers,
         "resources": {"cpu": n_workers},
-        "runtime_env": {"worker_process_setup_hook": SETUP_HOOK},
     }
