@@ -9,7 +9,7 @@ STAMP := $(VENV)/.opd-setup-done
 # set OPD_TINY_DIR to keep them elsewhere.
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-fast lint format tiny tiny-data data demo bench-loss convert \
+.PHONY: help setup test test-fast test-e2e lint format tiny tiny-data data demo bench-loss convert \
 	slurm-up slurm-down sweep-opd sweep-grpo submit status \
 	container-build container-build-cpu container-test-cpu container-lock container-push container-pull \
 	container-sif container-verify clean
@@ -24,11 +24,20 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 
 setup: $(STAMP) ## create/refresh .venv from constraints/cpu.txt (idempotent; reruns only when pins change)
 
-test: setup ## run the whole test suite (builds or reuses the tiny assets; CPU end-to-end runs through verl)
-	$(PY) -m pytest $(PYTEST_ARGS)
+# Workers per tier (pytest-xdist): each worker takes whole files (--dist loadfile), so runs shared by a
+# file's tests happen once; the e2e files keep conftest's longest-first order (--no-loadscope-reorder).
+FAST_WORKERS ?= 2
+E2E_WORKERS ?= 2
 
-test-fast: setup ## unit tests only (no Ray/verl end-to-end runs)
-	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
+test: setup ## the whole suite: the fast tier, then (only if it passed) the e2e tier
+	$(MAKE) --no-print-directory test-fast
+	$(MAKE) --no-print-directory test-e2e
+
+test-fast: setup ## unit, composition and refusal tests: no Ray, verl run or SLURM job (~2 min warm)
+	$(PY) -m pytest -m "not e2e" -n $(FAST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+test-e2e: setup ## CPU runs through verl and Ray, verl's agent loops, SLURM jobs on a local cluster
+	$(PY) -m pytest -m e2e -n $(E2E_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: setup ## ruff (check, format), hadolint (containers/Dockerfile), shellcheck (jobs/, containers/ scripts)
 	$(VENV)/bin/ruff check src tests

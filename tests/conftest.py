@@ -58,13 +58,25 @@ def tiny_launcher_env(
 
 def run_launcher(script: str, env: dict[str, str], log: Path, *args: str) -> int:
     """``bash jobs/<script> args...`` with its output in ``log``."""
+    return run_logged(["bash", str(REPO / "jobs" / script), *args], env, log)
+
+
+def run_logged(command: list[str], env: dict[str, str], log: Path) -> int:
+    """Run ``command`` in its own session with its output in ``log``; when the test times out or is
+    interrupted, the whole tree (bash, python, Ray's daemons and workers) is killed with it."""
     import subprocess
+
+    from opd.demo import kill_session
 
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        return subprocess.run(
-            ["bash", str(REPO / "jobs" / script), *args], env=env, stdout=out, stderr=subprocess.STDOUT
-        ).returncode
+        process = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            return process.wait()
+        finally:
+            kill_session(process)
 
 
 def only_run_dir(output_root: Path) -> Path:
@@ -118,3 +130,69 @@ def slurm_cluster() -> Path:
     yield Path(state["slurm_conf"])
     if state["started"]:
         local_slurm.down()
+
+
+# --- Test tiers (README "Development"): `make test-fast` runs `-m "not e2e"`, `make test-e2e` runs `-m e2e` --
+# Fixtures that start a SLURM cluster or a verl run: only e2e tests may use them.
+E2E_FIXTURES = {"slurm_cluster", "grpo_checkpoint_run"}
+# E2e files, longest first: with `--dist loadfile` each file goes to one worker, so the SLURM jobs run on
+# the cluster while the other worker takes the verl runs; the rest follow in collection order.
+E2E_FILE_ORDER = ["test_slurm_launch.py", "test_grpo_e2e.py", "test_opd_e2e.py", "test_eval_e2e.py"]
+
+
+def tier_problem(item) -> str | None:
+    """What breaks the tier rules: an e2e test without its own budget, or a fast test that would start
+    e2e machinery (a SLURM cluster, a verl run)."""
+    e2e = item.get_closest_marker("e2e") is not None
+    if e2e and item.get_closest_marker("timeout") is None:
+        return "an e2e test needs its own budget: @pytest.mark.timeout(seconds)"
+    used = E2E_FIXTURES & set(getattr(item, "fixturenames", ()))
+    if not e2e and used:
+        return f"uses {sorted(used)} (a SLURM cluster or a verl run): mark it e2e"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Order the e2e files longest first. (Tier-rule breaches fail at setup, in pytest_runtest_setup: an
+    error raised here would only crash pytest-xdist's workers without saying why.)"""
+    rank = {name: i for i, name in enumerate(E2E_FILE_ORDER)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before any fixture is set up: a fast test never gets as far as starting a cluster."""
+    problem = tier_problem(item)
+    if problem:
+        pytest.fail(f"test tier rules: {problem}", pytrace=False)
+
+
+RAY_DAEMONS = ("raylet", "gcs_server")
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_ray(request):
+    """A fast test must leave no Ray daemon behind it (the fast tier starts no Ray cluster at all)."""
+    yield
+    if request.node.get_closest_marker("e2e") is not None:
+        return
+    import sys
+
+    import psutil
+
+    left = [
+        name
+        for name in (_name(p) for p in psutil.Process().children(recursive=True))
+        if name.startswith(RAY_DAEMONS)
+    ]
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        left.append("ray.init() in this process")
+    assert not left, f"a fast test started Ray ({left}): mark it e2e or stop what it starts"
+
+
+def _name(process) -> str:
+    try:
+        return process.name()
+    except Exception:  # exited meanwhile
+        return ""

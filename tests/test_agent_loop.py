@@ -12,6 +12,9 @@ from conftest import compose_verl_config
 from opd.agent.calculator import SCHEMA
 from opd.backends.cpu.hf_rollout import HFRolloutServer, SamplingKey, register
 
+# verl's agent loops and the tiny teacher in-process: e2e, not the fast tier
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
 
 class ScriptedFirstTurn:
     """Stands in for a tool-using model on turn 1 only (the tiny models never learned tool calls);
@@ -161,6 +164,14 @@ def test_hf_server_batches_concurrent_requests_and_reports_logprobs(tiny_assets,
         tokenize=True,
     )
     sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "logprobs": True, "max_tokens": 8}
+    batch_sizes = []  # the server's own batched generate calls, recorded
+    generate_batch = server.generate_batch
+
+    def recording(prompts, key):
+        batch_sizes.append(len(prompts))
+        return generate_batch(prompts, key)
+
+    server.generate_batch = recording
 
     async def many():
         return await asyncio.gather(
@@ -168,6 +179,7 @@ def test_hf_server_batches_concurrent_requests_and_reports_logprobs(tiny_assets,
         )
 
     outputs = asyncio.run(many())
+    assert batch_sizes == [6]  # six concurrent requests with one sampling setting: one batch of 6
     for out in outputs:
         assert 0 < len(out.token_ids) <= 8
         assert len(out.log_probs) == len(out.token_ids)

@@ -1,7 +1,7 @@
 """``python -m opd.checkpoint convert``: verl FSDP actor checkpoint -> verified Hugging Face model.
 
-A real checkpoint comes from the 2-step ``jobs/train_grpo.sh`` run (``grpo_checkpoint_run``, e2e). Multi-rank layouts, which a
-1-process CPU run cannot produce, are built from the tiny student as DTensor shards in verl's file layout;
+The conversion of a real checkpoint (the 2-step ``jobs/train_grpo.sh`` run) is tested in
+test_grpo_e2e.py, beside the run that makes it. Multi-rank layouts, which a 1-process CPU run cannot produce, are built from the tiny student as DTensor shards in verl's file layout;
 malformed directories are a few small files, since only path validation reads them.
 """
 
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -83,98 +81,6 @@ def perturb(model_dir: Path, key: str, delta: float = 0.01) -> None:
     tensors = load_file(path)
     tensors[key][3, 5] += delta
     save_file(tensors, path, metadata={"format": "pt"})
-
-
-# --- real checkpoint from a 1-step GRPO run -----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def converted_step(grpo_checkpoint_run, tmp_path_factory):
-    """``global_step_1`` copied (the default target writes into it), converted with the defaults."""
-    step = tmp_path_factory.mktemp("converted") / "global_step_1"
-    shutil.copytree(grpo_checkpoint_run / "global_step_1", step)
-    return step, convert(step)
-
-
-@pytest.mark.e2e
-def test_convert_from_the_step_dir_completes_actor_huggingface(converted_step):
-    step, report = converted_step
-    actor = step / "actor"
-    assert report.actor_dir == actor and report.target == actor / "huggingface"
-    assert report.world_size == 1
-    assert report.n_tensors == len(reassemble(find_actor_checkpoint(actor)))
-    verification = report.verification
-    # fp32 training weights stored in bf16: the logits move, but by far less than the tolerance
-    assert verification.dtype == "bfloat16"
-    assert 0 < report.max_abs_logit_diff <= verification.logit_tolerance
-    assert verification.max_abs_logit_diff_cast == 0.0
-    for name in (*HF_FILES, "model.safetensors"):
-        assert (report.target / name).is_file(), name
-    assert json.loads((report.target / MARKER_FILE).read_text())["verified"] is True
-
-
-@pytest.mark.e2e
-def test_cli_converts_the_actor_dir_to_the_same_model_and_a_run_dir_to_its_latest_step(
-    grpo_checkpoint_run, converted_step, tmp_path
-):
-    import torch
-
-    checkpoints = grpo_checkpoint_run  # a launcher run keeps global_step_N/ in its run dir
-    target = tmp_path / "from_actor"
-    result = subprocess.run(
-        [sys.executable, "-m", "opd.checkpoint", "convert", str(checkpoints / "global_step_1" / "actor")]
-        + ["--target", str(target)],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "world size 1" in result.stdout and "max |Δlogits|" in result.stdout
-    assert "verified" in result.stdout
-    assert not (checkpoints / "global_step_1" / "actor" / "huggingface" / "model.safetensors").exists()
-    # converting the same checkpoint into the same target again is allowed
-    again = convert(checkpoints / "global_step_1" / "actor", target, verify=False)
-    assert again.max_abs_logit_diff is None and again.n_tensors > 0
-
-    latest = (checkpoints / "latest_checkpointed_iteration.txt").read_text().strip()
-    report = convert(grpo_checkpoint_run, tmp_path / "from_latest")  # the run dir: its latest step
-    assert report.actor_dir == checkpoints / f"global_step_{latest}" / "actor"
-
-    from_step, from_actor = load_stored(converted_step[1].target), load_stored(target)
-    assert from_actor.keys() == from_step.keys()
-    assert all(torch.equal(from_actor[k], from_step[k]) for k in from_step)
-
-
-@pytest.mark.e2e
-def test_converted_weights_are_the_trained_shards_not_the_initial_student(converted_step, tiny_assets):
-    import torch
-
-    step, report = converted_step
-    converted = load_stored(report.target)
-    shards = reassemble(find_actor_checkpoint(step))
-    initial = load_stored(tiny_assets / "student")
-    assert converted.keys() == shards.keys() == initial.keys()
-    for key, tensor in converted.items():
-        assert torch.equal(shards[key].to(tensor.dtype), tensor), key
-    assert [k for k in shards if not torch.equal(shards[k], initial[k])], "training changed no weight"
-    # ... and enough to survive rounding to the stored dtype
-    changed = [k for k, t in converted.items() if not torch.equal(initial[k].to(t.dtype), t)]
-    assert len(changed) > len(converted) // 2, changed
-
-
-@pytest.mark.e2e
-def test_converted_model_generates_with_its_tokenizer(converted_step):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    target = converted_step[1].target
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(target)
-    question = "Ava has 12 coins and finds 30 more. How many coins does Ava have now?"
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt"
-    )
-    out = model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert "boxed" in tokenizer.decode(out[0, prompt.shape[1] :])
 
 
 # --- multi-rank DTensor layouts and verification, built from the tiny student ------------------------

@@ -8,6 +8,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+# each test imports torch and verl in a fresh process (~10 CPU-s): e2e, not the fast tier
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
 SNAPSHOT = textwrap.dedent(
     """
     import json, torch, torch.distributed as dist

@@ -1,15 +1,30 @@
-"""CPU end-to-end: ``python -m opd.main_opd`` through Ray, the OPD worker (teacher = ref) and the ``hf`` rollout."""
+"""CPU end-to-end OPD through Ray, the OPD worker (teacher = verl's ref role) and the ``hf`` rollout.
+
+Three runs, each serving every assertion it can (module fixtures):
+- ``bash jobs/train_opd.sh`` exactly as the original repository's users run it: the ``opd`` recipe's own
+  settings, overriding only paths and sizes (so a recipe that verl rejects fails here);
+- ``python -m opd.main_opd``: forward KL from the teacher's hidden states, reward-weighted, 2 samples per
+  prompt, 2 mini-batches and 2 epochs per step, a checkpoint;
+- the same entry with JSD from the teacher's top-k, weighting off.
+Reverse KL with ``sampled`` and ``topk`` runs in the SLURM sweep (test_slurm_launch.py), resuming from a
+checkpoint in its requeued job.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
+from conftest import only_run_dir, run_launcher, tiny_launcher_env
 from opd.demo import read_metrics, run_entry, tiny_opd_overrides
 
-pytestmark = pytest.mark.e2e
+# a verl run (~1-3 min on 2 busy cores) happens inside the first test of each fixture
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
+LOSS_TYPES = ("reverse_kl", "forward_kl", "jsd")
 DIAGNOSTICS = (
     "tool_mask/llm_tokens",
     "tool_mask/tool_tokens",
@@ -20,11 +35,39 @@ DIAGNOSTICS = (
 )
 
 
-def _train_steps(run_dir) -> dict[int, dict]:
+def train_steps(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r["data"] for r in read_metrics(run_dir) if "opd/divergence" in r["data"]}
 
 
-def _run(tiny_assets, run_dir, steps, *extra, save_freq=-1):
+def signal_bytes_per_token(tiny_assets: Path, signal: str, topk: int = 64) -> int:
+    """What each teacher signal stores per token (opd.distill.teacher_signal): logits bf16 x V, hidden
+    bf16 x H, top-k fp32 log-prob + int32 id per kept token plus the fp32 tail mass, sampled 8 bytes."""
+    from transformers import AutoTokenizer
+
+    teacher = json.loads((tiny_assets / "teacher" / "config.json").read_text())
+    vocab = len(AutoTokenizer.from_pretrained(tiny_assets / "student"))  # the compared vocabulary
+    return {"logits": 2 * vocab, "hidden": 2 * teacher["hidden_size"], "topk": 8 * topk + 4, "sampled": 8}[
+        signal
+    ]
+
+
+def assert_trained_with(steps: dict[int, dict], loss_type: str, bytes_per_token: int) -> None:
+    """The run optimised ``loss_type`` (and no other) from the configured teacher signal."""
+    for data in steps.values():
+        logged = [t for t in LOSS_TYPES if f"opd/divergence/{t}" in data]
+        assert logged == [loss_type], logged
+        assert data[f"opd/divergence/{loss_type}"] == data["opd/divergence"] >= 0
+        assert data["opd/teacher_signal_bytes_per_token"] == bytes_per_token
+
+
+def assert_updates_move_the_student_toward_the_teacher(steps: dict[int, dict]) -> None:
+    """ppo_epochs=2 at lr 1e-3: the second pass over the same rows sees a smaller divergence."""
+    for step, data in steps.items():
+        first, last = data["opd/divergence_first_epoch"], data["opd/divergence_last_epoch"]
+        assert last < first, (step, first, last)
+
+
+def opd_run(tiny_assets, run_dir: Path, steps: int, *extra: str, save_freq: int = -1) -> dict[int, dict]:
     overrides = [
         *tiny_opd_overrides(tiny_assets, run_dir, steps, save_freq=save_freq),
         "trainer.val_before_train=false",
@@ -32,81 +75,116 @@ def _run(tiny_assets, run_dir, steps, *extra, save_freq=-1):
     ]
     code = run_entry("opd.main_opd", overrides, run_dir / "train.log")
     assert code == 0, (run_dir / "train.log").read_text()[-4000:]
-    return _train_steps(run_dir)
+    return train_steps(run_dir)
 
 
-@pytest.mark.parametrize(
-    "loss_type,teacher_signal",
-    [("forward_kl", "hidden"), ("jsd", "topk"), ("reverse_kl", "sampled")],
-)
-def test_each_loss_type_and_teacher_signal_trains(tiny_assets, tmp_path, loss_type, teacher_signal):
-    steps = _run(
-        tiny_assets, tmp_path, 1, f"opd.loss_type={loss_type}", f"opd.teacher_signal={teacher_signal}"
-    )
-    data = steps[1]
-    for key in (
-        "opd/divergence",
-        "actor/grad_norm",
-        "actor/entropy",
-        "opd/teacher_seconds",
-        "opd/student_seconds",
-    ):
-        assert math.isfinite(data[key]), (key, data[key])
-    assert data["opd/target_tokens"] > 0 and data["opd/teacher_signal_mb"] > 0
+# --- the launcher with the recipe's own settings -------------------------------------------------------
 
 
-def test_reward_weighted_opd_with_two_samples_mini_batches_and_epochs_saves_and_resumes(
-    tiny_assets, tmp_path
-):
-    first = tmp_path / "first"
-    steps = _run(
+@pytest.fixture(scope="module")
+def launcher_run(tiny_assets, tiny_raw_data, tmp_path_factory) -> Path:
+    """``MODEL_PATH=… TEACHER_MODEL_PATH=… PLATFORM=cpu DATA_DIR=… bash jobs/train_opd.sh``, sizes only."""
+    output_root = tmp_path_factory.mktemp("opd_launcher")
+    env = tiny_launcher_env(
         tiny_assets,
-        first,
+        tiny_raw_data,
+        output_root,
+        TEACHER_MODEL_PATH=str(tiny_assets / "teacher"),
+        TOTAL_TRAINING_STEPS="2",
+        SAVE_FREQ="2",
+        TEST_FREQ="2",
+        ROLLOUT_N="",  # the recipe's 1 sample per prompt
+        LEARNING_RATE="",  # the recipe's learning rate
+    )
+    log = output_root / "launcher.log"
+    assert run_launcher("train_opd.sh", env, log) == 0, log.read_text()[-4000:]
+    return only_run_dir(output_root)
+
+
+def test_train_opd_sh_trains_with_the_recipes_own_settings(launcher_run, tiny_assets):
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(launcher_run / ".hydra" / "config.yaml")
+    assert config.actor_rollout_ref.rollout.n == 1 and config.actor_rollout_ref.actor.optim.lr == 1e-6
+    steps = train_steps(launcher_run)
+    assert sorted(steps) == [1, 2]
+    assert_trained_with(steps, "reverse_kl", signal_bytes_per_token(tiny_assets, "logits"))
+    for data in steps.values():
+        assert data["opd/rows"] == 8  # 8 prompts x 1 sample
+        assert math.isfinite(data["actor/grad_norm"]) and data["opd/target_tokens"] > 0
+    validated = [r for r in read_metrics(launcher_run) if any(k.startswith("val-core/") for k in r["data"])]
+    assert [r["step"] for r in validated] == [2]  # the recipe does not validate before training
+    assert (launcher_run / "global_step_2" / "actor").is_dir()
+
+
+# --- forward KL, hidden states, reward weighting, n=2, mini-batches, epochs, checkpoint -------------------
+
+
+@pytest.fixture(scope="module")
+def weighted_run(tiny_assets, tmp_path_factory) -> tuple[Path, dict[int, dict]]:
+    run_dir = tmp_path_factory.mktemp("opd_weighted")
+    steps = opd_run(
+        tiny_assets,
+        run_dir,
         2,
-        "actor_rollout_ref.rollout.n=2",
+        "opd.loss_type=forward_kl",
+        "opd.teacher_signal=hidden",
         "opd.reward_beta=0.5",
-        "opd.teacher_signal=logits",
+        "actor_rollout_ref.rollout.n=2",
         "actor_rollout_ref.actor.ppo_mini_batch_size=4",  # 4 prompts x 2 responses per optimizer step
         "actor_rollout_ref.actor.ppo_epochs=2",
+        "actor_rollout_ref.actor.optim.lr=1e-3",
         save_freq=2,
     )
+    return run_dir, steps
+
+
+def test_forward_kl_from_hidden_states_trains_and_moves_the_student_toward_the_teacher(
+    weighted_run, tiny_assets
+):
+    run_dir, steps = weighted_run
     assert sorted(steps) == [1, 2]
+    assert_trained_with(steps, "forward_kl", signal_bytes_per_token(tiny_assets, "hidden"))
+    assert_updates_move_the_student_toward_the_teacher(steps)
     for data in steps.values():
-        assert math.isfinite(data["opd/divergence"]) and data["opd/divergence"] >= 0
         assert all(key in data for key in DIAGNOSTICS)
-        # 8 prompts x rollout.n=2 responses actually generated and distilled
-        assert data["opd/rows"] == 16
-        assert data["opd/reward_weight_min"] <= 1.0 <= data["opd/reward_weight_max"]
+        assert data["opd/rows"] == 16  # 8 prompts x rollout.n=2 responses generated and distilled
         # verl's meaning: 16 rows / 8 per mini-batch x 2 epochs; every token selected by default
         assert data["opd/optimizer_steps"] == 4
         assert data["opd/selected_token_fraction"] == 1.0
-    assert (first / "checkpoints" / "global_step_2" / "actor").is_dir()
-
-    resumed = tmp_path / "resumed"
-    overrides = [
-        *tiny_opd_overrides(tiny_assets, resumed, 3),
-        "trainer.val_before_train=false",
-        "actor_rollout_ref.rollout.n=2",
-        "opd.reward_beta=0.5",
-        f"trainer.default_local_dir={first / 'checkpoints'}",
-    ]
-    assert run_entry("opd.main_opd", overrides, resumed / "train.log") == 0
-    assert sorted(_train_steps(resumed)) == [3]  # continued from the saved step 2
-    assert "global_step_2" in (resumed / "train.log").read_text()
+    assert (run_dir / "checkpoints" / "global_step_2" / "actor").is_dir()
 
 
-def test_missing_teacher_is_refused_before_ray_starts(tiny_assets, tmp_path, monkeypatch):
-    import subprocess
-    import sys
+def test_reward_weighting_on_weights_rewarded_samples_up(weighted_run):
+    _, steps = weighted_run
+    mixed = [d for d in steps.values() if d["critic/score/max"] > d["critic/score/min"]]
+    assert mixed, "no step had both rewarded and unrewarded samples: the weighting was never exercised"
+    for data in mixed:  # softmax(r / 0.5) * B: below 1 for the unrewarded, above 1 for the rewarded
+        assert data["opd/reward_weight_min"] < 1.0 < data["opd/reward_weight_max"], data
 
-    monkeypatch.delenv("TEACHER_MODEL_PATH", raising=False)
-    overrides = [
-        o for o in tiny_opd_overrides(tiny_assets, tmp_path, 1) if not o.startswith("opd.teacher_path")
-    ]
-    result = subprocess.run(
-        [sys.executable, "-m", "opd.main_opd", *overrides], capture_output=True, text=True
+
+# --- JSD from the teacher's top-k, weighting off ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def topk_run(tiny_assets, tmp_path_factory) -> dict[int, dict]:
+    return opd_run(
+        tiny_assets,
+        tmp_path_factory.mktemp("opd_topk"),
+        1,
+        "opd.loss_type=jsd",
+        "opd.teacher_signal=topk",
+        "actor_rollout_ref.actor.ppo_epochs=2",
+        "actor_rollout_ref.actor.optim.lr=1e-3",
     )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "error: no teacher: export TEACHER_MODEL_PATH=/path/to/teacher_model (or pass opd.teacher_path=...)"
-    ]
+
+
+def test_jsd_from_the_teachers_topk_trains_and_moves_the_student_toward_the_teacher(topk_run, tiny_assets):
+    assert sorted(topk_run) == [1]
+    assert_trained_with(topk_run, "jsd", signal_bytes_per_token(tiny_assets, "topk"))
+    assert_updates_move_the_student_toward_the_teacher(topk_run)
+
+
+def test_reward_weighting_off_leaves_every_weight_at_one(topk_run):
+    for data in topk_run.values():
+        assert data["opd/reward_weight_min"] == data["opd/reward_weight_max"] == 1.0

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +20,7 @@ import pytest
 import yaml
 
 from conftest import REPO
+from opd.launch import local_slurm
 from opd.launch.local_slurm import CLUSTER
 from opd.launch.status import sacct_states
 
@@ -25,6 +28,79 @@ pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
 JOB_TIMEOUT_S = 1200
+
+
+# --- the cluster itself (before any job is queued: one test restarts a slurmd) -------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster_info(slurm_cluster):
+    """``local_slurm.up`` on the tests' cluster (already up: it starts nothing) and its state directory."""
+    state = slurm_cluster.parent
+    return local_slurm.up(state), state
+
+
+def client_env(info) -> dict[str, str]:
+    return {**os.environ, "SLURM_CONF": info["slurm_conf"]}
+
+
+@pytest.mark.timeout(180)
+def test_up_is_idempotent_and_status_reports_it(cluster_info):
+    first, state = cluster_info
+    assert first["nodes"] == ["node1", "node2"]
+    again = local_slurm.up(state)
+    assert again["started"] == []
+    assert again["pids"] == first["pids"] and all(first["pids"].values())
+    st = local_slurm.status(state)
+    assert st["up"] and st["daemons"] == first["pids"]
+    assert st["nodes"] == {"node1": "idle", "node2": "idle"}
+
+
+@pytest.mark.timeout(180)
+def test_sbatch_wrap_job_completes_and_is_accounted(cluster_info, tmp_path):
+    info, _ = cluster_info
+    env = client_env(info)
+    out = tmp_path / "job.out"
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", "-N2", "-o", str(out), "--wrap", "srun hostname; echo done"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, check=True,
+    ).stdout.strip().split(";")[0]  # fmt: skip
+    deadline = time.monotonic() + 60
+    state = ""
+    while state != "COMPLETED" and time.monotonic() < deadline:
+        state = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], env=env, capture_output=True, text=True
+        ).stdout.strip()
+        time.sleep(0.5)
+    assert state == "COMPLETED"
+    assert out.read_text().splitlines()[-1] == "done"
+
+
+@pytest.mark.timeout(180)
+def test_up_through_a_pipe_restarts_only_the_missing_daemon(cluster_info):
+    """A restarted daemon must not hold the caller's pipe open (``up | tee`` or a CI step would hang)."""
+    info, state = cluster_info
+    before = local_slurm.status(state)["daemons"]
+    os.kill(before["slurmd-node2"], signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while local_slurm.status(state)["daemons"]["slurmd-node2"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    r = subprocess.run(
+        [sys.executable, "-m", "opd.launch.local_slurm", "up", "--dir", str(state)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == f"export SLURM_CONF={Path(info['slurm_conf'])}"
+    assert "started slurmd-node2" in r.stderr
+    after = local_slurm.status(state)
+    assert after["up"]
+    assert {k: v for k, v in after["daemons"].items() if k != "slurmd-node2"} == {
+        k: v for k, v in before.items() if k != "slurmd-node2"
+    }
+    assert after["daemons"]["slurmd-node2"] != before["slurmd-node2"]
+
+
+# --- jobs -------------------------------------------------------------------------------------------
 
 
 def make(target: str, env: dict, *variables: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -51,13 +127,19 @@ def submitted_job(result: subprocess.CompletedProcess) -> tuple[str, Path]:
     return job, run_dir
 
 
-def train_steps(run_dir: Path) -> list[int]:
+def train_records(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [
-        r["step"]
-        for r in map(json.loads, lines)
-        if "opd/divergence" in r["data"] or "actor/pg_loss" in r["data"]
+        r for r in map(json.loads, lines) if "opd/divergence" in r["data"] or "actor/pg_loss" in r["data"]
     ]
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    return [r["step"] for r in train_records(run_dir)]
+
+
+def train_metrics(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r["data"] for r in train_records(run_dir)}
 
 
 def all_job_ids(env) -> set[str]:
@@ -87,10 +169,8 @@ def slurm_env(slurm_cluster, tiny_math_data, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def sweep(slurm_env) -> SimpleNamespace:
-    """``make sweep-opd`` over two tiny OPD points (reverse vs forward KL) on the test cluster."""
-    started = time.monotonic()
+    """``make sweep-opd`` over two tiny OPD points (reverse KL from ``sampled`` vs ``topk``) on the test cluster."""
     result = make("sweep-opd", slurm_env, "EXP=tiny_opd", "SWEEP=tiny_opd", "ARGS=cluster=ci")
-    returned_after = time.monotonic() - started
     assert result.returncode == 0, result.stdout + result.stderr
     jobs = re.findall(r"^  job (\S+)  (\S+)  (.*)$", result.stdout, flags=re.M)
     # squeue: slurmctld's own view (accounting reaches sacct a moment later)
@@ -103,18 +183,18 @@ def sweep(slurm_env) -> SimpleNamespace:
         output=result.stdout,
         dir=Path(re.search(r"^sweep: (\S+)", result.stdout, flags=re.M).group(1)),
         jobs=[(job, Path(run_dir), point) for job, run_dir, point in jobs],
-        returned_after=returned_after,
         queued_at_return=dict(line.split() for line in queued.splitlines()),
         states=states,
     )
 
 
-def test_sweep_returns_promptly_and_every_point_completes_with_config_metrics_and_checkpoint(
+@pytest.mark.timeout(900)
+def test_sweep_returns_with_its_jobs_queued_and_every_point_completes_with_its_config_signal_and_checkpoint(
     sweep, slurm_env
 ):
     assert len(sweep.jobs) == 2, sweep.output
-    loss_types = [re.search(r"\+\+verl.opd.loss_type=(\w+)", point).group(1) for _, _, point in sweep.jobs]
-    assert sorted(loss_types) == ["forward_kl", "reverse_kl"]
+    signals = [re.search(r"\+\+verl.opd.teacher_signal=(\w+)", point).group(1) for _, _, point in sweep.jobs]
+    assert sorted(signals) == ["sampled", "topk"]
     # make returned with the jobs queued, not after they ran
     assert set(sweep.queued_at_return) == {job for job, _, _ in sweep.jobs}, sweep.queued_at_return
     assert set(sweep.queued_at_return.values()) <= {"PENDING", "CONFIGURING", "RUNNING"}
@@ -124,7 +204,13 @@ def test_sweep_returns_promptly_and_every_point_completes_with_config_metrics_an
         text = (run_dir / "config.yaml").read_text()
         assert "${" not in text  # resolved: no interpolation left
         config = yaml.safe_load(text)
-        assert config["opd"]["loss_type"] == re.search(r"loss_type=(\w+)", point).group(1)
+        signal = re.search(r"teacher_signal=(\w+)", point).group(1)
+        assert config["opd"]["teacher_signal"] == signal
+        # the job optimised the recipe's reverse KL from that signal (bytes per token: sampled 8, topk 8K+4)
+        for data in train_metrics(run_dir).values():
+            assert [k for k in data if k.startswith("opd/divergence/")] == ["opd/divergence/reverse_kl"]
+            expected = 8 if signal == "sampled" else 8 * config["opd"]["topk"] + 4
+            assert data["opd/teacher_signal_bytes_per_token"] == expected
         assert config["trainer"]["default_local_dir"] == str(run_dir)
         for name in ("launch.yaml", "overrides.txt", "git.txt", "environment.sh", "rerun.sbatch"):
             assert (run_dir / name).is_file(), name
@@ -137,6 +223,7 @@ def test_sweep_returns_promptly_and_every_point_completes_with_config_metrics_an
         assert ran == config
 
 
+@pytest.mark.timeout(120)
 def test_concurrent_jobs_use_their_own_ports_temp_dirs_and_tokens_and_leave_nothing_behind(sweep):
     heads = []
     for job, run_dir, _ in sweep.jobs:
@@ -167,6 +254,7 @@ def test_concurrent_jobs_use_their_own_ports_temp_dirs_and_tokens_and_leave_noth
         assert head["temp_dir"] not in leftovers
 
 
+@pytest.mark.timeout(120)
 def test_status_summarises_the_sweep_from_sacct(sweep, slurm_env):
     result = make("status", slurm_env, f"SWEEP={sweep.dir}")
     assert result.returncode == 0, result.stderr
@@ -176,6 +264,7 @@ def test_status_summarises_the_sweep_from_sacct(sweep, slurm_env):
     assert "2 COMPLETED" in result.stdout
 
 
+@pytest.mark.timeout(300)
 def test_rerun_sbatch_of_a_finished_run_completes_with_the_same_config_and_trains_nothing_more(
     sweep, slurm_env
 ):
@@ -196,44 +285,62 @@ def test_rerun_sbatch_of_a_finished_run_completes_with_the_same_config_and_train
     )
 
 
-REQUEUE_BY = {
-    "scontrol_requeue": lambda job: ["scontrol", "requeue", job],
-    # what SLURM does before the walltime (--signal=B:USR2@N): rerun.sbatch's trap requeues the job
-    "walltime_signal": lambda job: ["scancel", "--batch", "--signal=USR2", job],
-}
+REQUEUED_STEPS = 6  # checkpoints at 2, 4, 6: a requeue after step 2 and another after step 4
 
 
-@pytest.mark.parametrize("requeue_by", sorted(REQUEUE_BY))
-def test_requeued_job_resumes_from_its_checkpoint_and_keeps_both_attempts_logs(slurm_env, requeue_by):
+def wait_for_step(job: str, run_dir: Path, step: int) -> None:
+    """Until ``step`` is checkpointed and its metrics are logged (verl saves first, then logs)."""
+    marker = run_dir / "latest_checkpointed_iteration.txt"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while True:
+        done = marker.exists() and marker.read_text().strip() == str(step)
+        if done and (run_dir / "metrics.jsonl").exists() and step in train_steps(run_dir):
+            return
+        assert time.monotonic() < deadline, _tail(run_dir, job)
+        assert sacct_states([job]).get(job, {}).get("state") not in TERMINAL, _tail(run_dir, job)
+        time.sleep(0.5)
+
+
+@pytest.mark.timeout(900)
+def test_requeued_job_resumes_with_its_config_and_continues_its_metrics_and_lr_schedule(slurm_env):
+    """One run requeued twice: by ``scontrol requeue`` after step 2, then by the pre-walltime signal
+    (what ``--signal=B:USR2@N`` sends: rerun.sbatch's trap requeues the job) after step 4."""
     job, run_dir = submitted_job(
         make(
             "submit", slurm_env, "EXP=tiny_opd",
-            "ARGS=cluster=ci verl.trainer.total_training_steps=4 verl.trainer.test_freq=-1",
+            "ARGS=cluster=ci verl.trainer.total_training_steps=6 verl.trainer.save_freq=2 "
+            "verl.trainer.test_freq=-1 verl.actor_rollout_ref.actor.optim.lr_warmup_steps=6",
         )
     )  # fmt: skip
-    marker = run_dir / "latest_checkpointed_iteration.txt"
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not (marker.exists() and marker.read_text().strip()):
-        assert time.monotonic() < deadline, _tail(run_dir, job)
-        assert sacct_states([job]).get(job, {}).get("state") not in TERMINAL, _tail(run_dir, job)
-        time.sleep(0.3)
-    subprocess.run(REQUEUE_BY[requeue_by](job), env=slurm_env, check=True)
+    wait_for_step(job, run_dir, 2)
+    subprocess.run(["scontrol", "requeue", job], env=slurm_env, check=True)
+    wait_for_step(job, run_dir, 4)
+    subprocess.run(["scancel", "--batch", "--signal=USR2", job], env=slurm_env, check=True)
     assert wait_terminal([job])[job]["state"] == "COMPLETED", _tail(run_dir, job)
-    first, second = run_dir / "logs" / f"{job}.0", run_dir / "logs" / f"{job}.1"
-    assert (first / "driver.log").is_file() and (second / "driver.log").is_file()
-    assert "Training from scratch" in (first / "driver.log").read_text()
-    resumed = re.search(
-        r"Load from checkpoint folder: \S*global_step_(\d+)", (second / "driver.log").read_text()
-    )
-    assert resumed, (second / "driver.log").read_text()[-3000:]
-    steps = train_steps(run_dir)
-    assert steps == sorted(set(steps)) and steps[-1] == 4 and int(resumed.group(1)) >= 1
-    assert int(resumed.group(1)) + 1 in steps  # the second attempt trained on from the checkpoint
-    assert not list(Path("/tmp").glob(f"opd-{CLUSTER}-{job}.*"))  # both attempts' Ray temp dirs removed
-    if requeue_by == "walltime_signal":
-        assert "requeueing job" in (run_dir / "logs" / f"slurm-{job}.out").read_text()
+
+    attempts = [run_dir / "logs" / f"{job}.{n}" for n in range(3)]
+    assert "Training from scratch" in (attempts[0] / "driver.log").read_text()
+    for attempt, step in ((attempts[1], 2), (attempts[2], 4)):
+        driver_log = (attempt / "driver.log").read_text()
+        assert re.search(rf"Load from checkpoint folder: \S*global_step_{step}\b", driver_log), driver_log[
+            -3000:
+        ]
+    # every attempt ran the run directory's one resolved config
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for attempt in attempts:
+        assert yaml.safe_load((attempt / "hydra" / "config.yaml").read_text()) == config, attempt
+    # the metrics continue exactly where each attempt stopped: every step once, in order
+    metrics = train_metrics(run_dir)
+    assert train_steps(run_dir) == list(range(1, REQUEUED_STEPS + 1))
+    # ... and so does the lr schedule: linear warm-up over 6 steps, logged before each step's update
+    lr = config["actor_rollout_ref"]["actor"]["optim"]["lr"]
+    for step, data in metrics.items():
+        assert data["actor/lr"] == pytest.approx(lr * (step - 1) / 6, rel=1e-6), (step, data["actor/lr"])
+    assert not list(Path("/tmp").glob(f"opd-{CLUSTER}-{job}.*"))  # every attempt's Ray temp dirs removed
+    assert "requeueing job" in (run_dir / "logs" / f"slurm-{job}.out").read_text()
 
 
+@pytest.mark.timeout(600)
 def test_two_node_job_in_the_container_runs_one_ray_cluster_across_both_nodes_fake_apptainer(
     slurm_env, tmp_path
 ):
@@ -279,6 +386,7 @@ def test_two_node_job_in_the_container_runs_one_ray_cluster_across_both_nodes_fa
         assert call["env"]["HF_HUB_OFFLINE"] == "1"
 
 
+@pytest.mark.timeout(600)
 def test_a_node_that_dies_fails_the_job_fast_naming_the_node_and_its_log(slurm_env):
     job, run_dir = submitted_job(
         make(
@@ -311,6 +419,7 @@ def test_a_node_that_dies_fails_the_job_fast_naming_the_node_and_its_log(slurm_e
     assert "node 1 (" in slurm_log and str(attempt / "node1.log") in slurm_log, slurm_log[-3000:]
 
 
+@pytest.mark.timeout(300)
 def test_failing_experiment_is_reported_failed_with_its_error_in_the_log(slurm_env):
     job, run_dir = submitted_job(
         make(
@@ -327,6 +436,7 @@ def test_failing_experiment_is_reported_failed_with_its_error_in_the_log(slurm_e
     assert "exited with code" in slurm_log and str(run_dir / "logs" / f"{job}.0" / "driver.log") in slurm_log
 
 
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     "target,variables,unset,expected",
     [

@@ -66,7 +66,10 @@ def tiny_run_overrides(assets: Path, run_dir: Path, steps: int, save_freq: int, 
 
 
 def run_entry(module: str, overrides: list[str], log_path: Path) -> int:
-    """Run an entry point in a fresh process (its own Ray cluster), teeing output to ``log_path``."""
+    """Run an entry point in a fresh process (its own Ray cluster), teeing output to ``log_path``.
+
+    The entry runs in its own session: if this caller is interrupted (Ctrl-C, a test's timeout), the whole
+    tree (python, its Ray daemons and workers) is killed with it instead of running on unowned."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
@@ -76,12 +79,27 @@ def run_entry(module: str, overrides: list[str], log_path: Path) -> int:
             stderr=subprocess.STDOUT,
             env=env,
             text=True,
+            start_new_session=True,
         )
-        for line in process.stdout:
-            log.write(line)
-            if "Training Progress" in line or "Traceback" in line or "Error:" in line:
-                print(line.rstrip()[-160:], flush=True)
-        return process.wait()
+        try:
+            for line in process.stdout:
+                log.write(line)
+                if "Training Progress" in line or "Traceback" in line or "Error:" in line:
+                    print(line.rstrip()[-160:], flush=True)
+            return process.wait()
+        finally:
+            kill_session(process)
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL every process of ``process``'s session (started with ``start_new_session``), if any is left."""
+    import signal
+
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.wait()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
