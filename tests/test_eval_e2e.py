@@ -29,6 +29,7 @@ def eval_run(tiny_assets, tiny_raw_data, tmp_path_factory):
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(600)  # includes the eval_math.sh run (~1-2 min on 2 busy cores)
 def test_eval_prints_the_table_and_writes_results_that_match_the_generations(eval_run):
     run_dir, log = eval_run
     assert "data source  problems  mean@2  pass@1  pass@2  maj@1  maj@2" in log

@@ -12,7 +12,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from omegaconf import OmegaConf
 
 import opd.config  # noqa: F401  (resolvers for the saved config)
 from conftest import only_run_dir, run_launcher, tiny_launcher_env
@@ -74,23 +73,14 @@ def test_two_steps_log_finite_metrics_validate_every_set_and_save_a_checkpoint(v
     assert (run_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
 
 
-def test_each_recipe_trains_with_its_own_settings(variant_run):
+def test_each_recipe_trains_with_its_own_kl_setting(variant_run):
+    """The recipes' constants are checked where they compose (test_jobs.py); here: what they do in training."""
     launcher, run_dir = variant_run
-    config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    actor = config.actor_rollout_ref.actor
     train_steps = [r["data"] for r in read_metrics(run_dir) if "actor/pg_loss" in r["data"]]
-    assert config.reward.custom_reward_function.path == "pkg://opd.rewards.math_reward"
-    if launcher == "train_grpo.sh":
-        assert (actor.clip_ratio_low, actor.clip_ratio_high, actor.clip_ratio_c) == (0.2, 0.28, 10.0)
-        assert actor.use_dynamic_bsz and actor.ppo_max_token_len_per_gpu == (128 + 24) * 2
-        assert config.actor_rollout_ref.ref.log_prob_max_token_len_per_gpu == (128 + 24) * 3
     if launcher == "train_grpo_native.sh":
-        assert actor.use_kl_loss and actor.kl_loss_coef == 0.001 and actor.kl_loss_type == "low_var_kl"
         assert all(math.isfinite(step["actor/kl_loss"]) for step in train_steps)
         assert train_steps[-1]["actor/kl_loss"] > 0  # step 2's policy has moved away from the reference
-        assert not actor.use_dynamic_bsz
     else:
-        assert not actor.use_kl_loss
         assert all(step.get("actor/kl_loss", 0.0) == 0.0 for step in train_steps)  # verl logs 0 without KL
     assert run_dir.name.startswith("student-local-GRPO")
 

@@ -267,3 +267,22 @@ def test_opd_thinking_switch_sets_template_and_validation_temperature(tiny_asset
     assert on.data.apply_chat_template_kwargs.enable_thinking is True
     assert on.actor_rollout_ref.rollout.val_kwargs.temperature == 0.6
     assert on.opd.teacher_path == str(tiny_assets / "teacher")
+
+
+@pytest.mark.parametrize("launcher", ["grpo", "native", "no_kl"])
+def test_each_grpo_launcher_composes_its_recipes_settings(launcher, tiny_assets, tiny_raw_data, tmp_path):
+    """The recipe constants each launcher trains with (its behaviour in training: test_grpo_e2e.py)."""
+    env = tiny_launcher_env(tiny_assets, tiny_raw_data, tmp_path / "out")
+    config, _ = compose_with_launcher(str(REPO / "jobs" / LAUNCHERS[launcher]), env)
+    actor = config.actor_rollout_ref.actor
+    assert config.reward.custom_reward_function.path == "pkg://opd.rewards.math_reward"
+    if launcher == "grpo":
+        assert (actor.clip_ratio_low, actor.clip_ratio_high, actor.clip_ratio_c) == (0.2, 0.28, 10.0)
+        assert actor.use_dynamic_bsz and actor.ppo_max_token_len_per_gpu == (128 + 24) * 2
+        assert config.actor_rollout_ref.ref.log_prob_max_token_len_per_gpu == (128 + 24) * 3
+        assert not actor.use_kl_loss
+    elif launcher == "native":
+        assert actor.use_kl_loss and actor.kl_loss_coef == 0.001 and actor.kl_loss_type == "low_var_kl"
+        assert not actor.use_dynamic_bsz
+    else:
+        assert not actor.use_kl_loss and not actor.use_dynamic_bsz

@@ -9,24 +9,21 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import compose_verl_config
 
+from conftest import compose_verl_config
 from opd.demo import kill_session, tiny_opd_overrides
 
 TOKENIZER_SIZE = 438  # the tiny tokenizer's vocabulary (and both tiny models' head width)
-REFUSAL_SECONDS = 30  # a refusal takes ~4 s (interpreter + config + tokenizers); Ray alone takes longer
 
 
 def main_opd(overrides: list[str]) -> subprocess.CompletedProcess:
-    """``python -m opd.main_opd overrides...`` without TEACHER_MODEL_PATH; asserts that it returned
-    quickly and left no process behind (no Ray daemon outlives a refusal)."""
+    """``python -m opd.main_opd overrides...`` without TEACHER_MODEL_PATH; asserts that it left no process
+    behind (no Ray daemon outlives a refusal)."""
     env = {k: v for k, v in os.environ.items() if k not in ("TEACHER_MODEL_PATH", "RAY_ADDRESS")}
-    start = time.monotonic()
     process = subprocess.Popen(
         [sys.executable, "-m", "opd.main_opd", *overrides],
         env=env,
@@ -37,12 +34,10 @@ def main_opd(overrides: list[str]) -> subprocess.CompletedProcess:
     )
     try:
         stdout, stderr = process.communicate(timeout=120)
-        seconds = time.monotonic() - start
         left = [_name(p) for p in psutil.process_iter() if _session(p) == process.pid]
     finally:
         kill_session(process)
     assert not left, f"processes left behind by a refused run: {left}"
-    assert seconds < REFUSAL_SECONDS, f"a refusal took {seconds:.0f} s: {stderr[-2000:]}"
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
@@ -84,7 +79,9 @@ def teacher_with_one_token_renamed(tiny_assets: Path, out_dir: Path) -> Path:
     tokenizer_json = out_dir / "tokenizer.json"
     tokenizer = json.loads(tokenizer_json.read_text())
     vocab, merges = tokenizer["model"]["vocab"], tokenizer["model"]["merges"]
-    in_merges = {part for merge in merges for part in (merge if isinstance(merge, list) else merge.split(" "))}
+    in_merges = {
+        part for merge in merges for part in (merge if isinstance(merge, list) else merge.split(" "))
+    }
     in_merges |= {"".join(merge if isinstance(merge, list) else merge.split(" ")) for merge in merges}
     special = {token["content"] for token in tokenizer["added_tokens"]}
     old = next(token for token in reversed(vocab) if token not in in_merges | special)
@@ -157,12 +154,12 @@ def test_unknown_teacher_signal_is_refused(tiny_assets, tmp_path):
 def test_teacher_head_narrower_than_the_tokenizer_is_refused(tiny_assets, tmp_path):
     teacher = teacher_with_head_width(tiny_assets, tmp_path / "teacher", TOKENIZER_SIZE - 38)
     result = main_opd(with_teacher(tiny_assets, tmp_path / "run", teacher))
-    # the problem (which model, which widths) and the fix (a teacher that shares the student's tokenizer)
+    # the problem (which model, which widths) and the fix (a head that covers the tokenizer)
     assert_one_clear_error(
         result,
-        str(teacher),
+        f"teacher {teacher}",
         f"the tokenizer has {TOKENIZER_SIZE} tokens but the teacher output head only {TOKENIZER_SIZE - 38}",
-        "student and teacher must share the tokenizer",
+        "use models whose output heads cover the tokenizer",
     )
 
 

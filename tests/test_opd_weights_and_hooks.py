@@ -32,7 +32,12 @@ def softmax_times_batch(rewards: list[float], beta: float) -> list[float]:
 
 @pytest.mark.parametrize(
     ("rewards", "beta"),
-    [([0.0, 1.0, 0.0, 1.0], 0.5), ([1.0, -2.0, 0.5], 2.0), ([0.0, 1.0], 1e-3), ([3.0, 1.0, 2.0, 0.0, 1.0], 1.0)],
+    [
+        ([0.0, 1.0, 0.0, 1.0], 0.5),
+        ([1.0, -2.0, 0.5], 2.0),
+        ([0.0, 1.0], 1e-3),
+        ([3.0, 1.0, 2.0, 0.0, 1.0], 1.0),
+    ],
 )
 def test_reward_weights_are_the_batch_softmax_times_the_batch_size(rewards, beta):
     weights_B = reward_weights(torch.tensor(rewards), beta)
@@ -93,13 +98,15 @@ def rollout_batch(seed: int = 0) -> DataProto:
         "attention_mask": attention_B_T,
         "input_ids": torch.cat([prompts_B_P, responses_B_R], dim=1),
     }
-    return DataProto.from_dict(tensors=tensors, non_tensors={"uid": np.array(["a", "b", "c", "d"], dtype=object)})
+    return DataProto.from_dict(
+        tensors=tensors, non_tensors={"uid": np.array(["a", "b", "c", "d"], dtype=object)}
+    )
 
 
 def load(model_dir):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
 
 def bare_worker(cls, student, teacher) -> OPDActorRolloutRefWorker:

@@ -437,11 +437,21 @@ def test_failing_experiment_is_reported_failed_with_its_error_in_the_log(slurm_e
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize(
+@pytest.mark.parametrize(  # the refusals at the level users hit them: make sweep-opd / make submit
     "target,variables,unset,expected",
     [
-        ("sweep-opd", ["EXP=opd", "SWEEP=tiny_opd"], "TEACHER_MODEL_PATH", "needs TEACHER_MODEL_PATH"),
-        ("submit", ["EXP=tiny_opd"], "DATA_DIR", "grpo_processed/train.parquet"),
+        (
+            "sweep-opd",
+            ["EXP=opd", "SWEEP=tiny_opd"],
+            "TEACHER_MODEL_PATH",
+            ["needs TEACHER_MODEL_PATH: export TEACHER_MODEL_PATH"],
+        ),
+        (
+            "submit",
+            ["EXP=tiny_opd"],
+            "DATA_DIR",
+            ["grpo_processed/train.parquet", "does not exist: prepare the data first (make data"],
+        ),
     ],
 )
 def test_missing_teacher_or_data_is_refused_before_anything_is_queued(
@@ -454,7 +464,9 @@ def test_missing_teacher_or_data_is_refused_before_anything_is_queued(
     before = all_job_ids(env)
     result = make(target, env, *variables, "ARGS=cluster=ci")
     assert result.returncode != 0
-    assert expected in result.stderr and "nothing was submitted" in result.stderr, result.stderr
+    assert all(e in result.stderr for e in expected) and "nothing was submitted" in result.stderr, (
+        result.stderr
+    )
     assert all_job_ids(env) == before
     assert not list(tmp_path.glob("**/rerun.sbatch"))  # no half-written run directory left behind
 

@@ -48,8 +48,11 @@ def check_teacher(config: DictConfig) -> None:
     teacher_width = AutoConfig.from_pretrained(teacher).vocab_size
     try:
         vocab_size = aligned_vocab_size(student_width, teacher_width, len(student_tokenizer))
-    except ValueError as error:
-        raise InputError(str(error)) from error
+    except ValueError as error:  # a head narrower than the tokenizer: name both models and the fix
+        raise InputError(
+            f"{error} (student {student}, teacher {teacher}): use models whose output heads cover the "
+            "tokenizer, e.g. a teacher of the student's model family"
+        ) from error
     with open_dict(config):
         opd.teacher_path = teacher
         opd.vocab_size = vocab_size

@@ -52,6 +52,10 @@ def configure_ray(config: DictConfig) -> None:
                 ray_init.num_gpus = ray_init.get("num_gpus") or cpu["num_gpus"]
                 ray_init.resources = OmegaConf.merge(cpu["resources"], ray_init.get("resources") or {})
                 ray_init.num_cpus = ray_init.get("num_cpus") or cpu["num_cpus"]
+                # A private CPU cluster (tests, laptops): the dashboard's processes cost ~3 CPU-seconds
+                # per run and nobody looks at them; a job's cluster (RAY_ADDRESS) keeps its own settings.
+                if ray_init.get("include_dashboard") is None:
+                    ray_init.include_dashboard = False
 
 
 METRICS_FILE = "metrics.jsonl"
