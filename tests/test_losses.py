@@ -69,7 +69,7 @@ def _normalized_weights(n, mask=None, weight=None) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def full_vocab_inputs():
-    return make_inputs(512, V_FULL, seed=1)
+    return make_inputs(128, V_FULL, seed=1)
 
 
 @pytest.mark.parametrize("kind", DIVERGENCES)
