@@ -61,7 +61,10 @@ def assert_trained_with(steps: dict[int, dict], loss_type: str, bytes_per_token:
 
 
 def assert_updates_move_the_student_toward_the_teacher(steps: dict[int, dict]) -> None:
-    """ppo_epochs=2 at lr 1e-3: the second pass over the same rows sees a smaller divergence."""
+    """ppo_epochs=2: the second pass over the same rows sees a smaller divergence. The learning rates are
+    set so that one Adam step (about lr per parameter at the first step) is well short of overshooting:
+    measured over 5 steps, forward KL at 1e-3 fell by 16-30% per step, JSD at 1e-4 by 1-8% (at 1e-3 JSD
+    rose once, +6%)."""
     for step, data in steps.items():
         first, last = data["opd/divergence_first_epoch"], data["opd/divergence_last_epoch"]
         assert last < first, (step, first, last)
@@ -175,7 +178,7 @@ def topk_run(tiny_assets, tmp_path_factory) -> dict[int, dict]:
         "opd.loss_type=jsd",
         "opd.teacher_signal=topk",
         "actor_rollout_ref.actor.ppo_epochs=2",
-        "actor_rollout_ref.actor.optim.lr=1e-3",
+        "actor_rollout_ref.actor.optim.lr=1e-4",
     )
 
 
