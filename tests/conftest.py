@@ -182,7 +182,7 @@ def _fast_tests_start_no_ray(request):
 
     left = [
         name
-        for name in (_name(p) for p in psutil.Process().children(recursive=True))
+        for name in (process_name(p) for p in psutil.Process().children(recursive=True))
         if name.startswith(RAY_DAEMONS)
     ]
     ray = sys.modules.get("ray")
@@ -191,7 +191,8 @@ def _fast_tests_start_no_ray(request):
     assert not left, f"a fast test started Ray ({left}): mark it e2e or stop what it starts"
 
 
-def _name(process) -> str:
+def process_name(process) -> str:
+    """A process's name, or "" once it has exited."""
     try:
         return process.name()
     except Exception:  # exited meanwhile

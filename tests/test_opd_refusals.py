@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import compose_verl_config
+from conftest import compose_verl_config, process_name
 from opd.demo import kill_session, tiny_opd_overrides
 
 TOKENIZER_SIZE = 438  # the tiny tokenizer's vocabulary (and both tiny models' head width)
@@ -34,7 +34,7 @@ def main_opd(overrides: list[str]) -> subprocess.CompletedProcess:
     )
     try:
         stdout, stderr = process.communicate(timeout=120)
-        left = [_name(p) for p in psutil.process_iter() if _session(p) == process.pid]
+        left = [process_name(p) for p in psutil.process_iter() if _session(p) == process.pid]
     finally:
         kill_session(process)
     assert not left, f"processes left behind by a refused run: {left}"
@@ -46,13 +46,6 @@ def _session(process) -> int | None:
         return os.getsid(process.pid)
     except OSError:  # exited meanwhile
         return None
-
-
-def _name(process) -> str:
-    try:
-        return process.name()
-    except psutil.Error:
-        return "?"
 
 
 def assert_one_clear_error(result: subprocess.CompletedProcess, *must_contain: str) -> str:

@@ -43,7 +43,8 @@ def configure_ray(config: DictConfig) -> None:
             ray_init.address = os.environ.get("RAY_ADDRESS") or "local"
         if ray_init.get("runtime_env") is None:
             ray_init.runtime_env = {}
-        # Appending metrics file and the `hf` rollout everywhere; the CPU adaptation only where CUDA is absent.
+        # In every worker: verl's metrics file appends, the `hf` rollout is registered, and the CPU
+        # adaptation applies where CUDA is absent.
         ray_init.runtime_env.worker_process_setup_hook = RAY_WORKER_SETUP
         if config.trainer.device == "cpu":
             n_workers = config.trainer.n_gpus_per_node * config.trainer.nnodes
@@ -61,7 +62,7 @@ def configure_ray(config: DictConfig) -> None:
 METRICS_FILE = "metrics.jsonl"
 
 
-def route_metrics_file(config: DictConfig, run_dir: str) -> None:
+def route_metrics_file(config: DictConfig, run_dir: str) -> str:
     """verl's ``file`` logger writes where VERL_FILE_LOGGER_PATH says, read in the TaskRunner actor:
     pass it through Ray's runtime env so every run keeps its metrics in its own run directory."""
     path = os.environ.get("VERL_FILE_LOGGER_PATH") or os.path.join(run_dir, METRICS_FILE)
@@ -70,6 +71,7 @@ def route_metrics_file(config: DictConfig, run_dir: str) -> None:
         if runtime_env.get("env_vars") is None:
             runtime_env.env_vars = {}
         runtime_env.env_vars.VERL_FILE_LOGGER_PATH = os.path.abspath(path)
+    return runtime_env.env_vars.VERL_FILE_LOGGER_PATH
 
 
 def resume_step(config: DictConfig) -> int:
@@ -152,10 +154,7 @@ def prepare(config: DictConfig, run_dir: str | None = None, check=check_inputs) 
     OmegaConf.resolve(config)
     check(config)
     configure_ray(config)
-    route_metrics_file(config, run_dir or os.getcwd())
-    trim_metrics_file(
-        config.ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH, resume_step(config)
-    )
+    trim_metrics_file(route_metrics_file(config, run_dir or os.getcwd()), resume_step(config))
     if config.trainer.device == "cpu":
         from opd.backends.cpu import setup_worker
 
