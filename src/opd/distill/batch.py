@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from opd.distill.config import OVERLONG_POLICIES
+
 logger = logging.getLogger(__name__)
 
-OVERLONG_POLICIES = ("truncate", "skip", "error")
 
 
 @dataclass

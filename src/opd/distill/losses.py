@@ -54,10 +54,9 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
+from opd.distill.config import DIVERGENCES, SUPPORTED
 from opd.distill.teacher_signal import TeacherSignal
 
-DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
-SUPPORTED = {"logits": DIVERGENCES, "hidden": DIVERGENCES, "topk": DIVERGENCES, "sampled": ("reverse_kl",)}
 REDUCTIONS = ("token_mean", "seq_mean_token_mean", "sum")
 
 # CPU blocking (measured on 2 cores at V=151,936): a work item is a few rows handed to a worker thread; each

@@ -33,7 +33,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-MODES = ("logits", "hidden", "topk", "sampled")
+from opd.distill.config import SIGNALS
+
+MODES = SIGNALS
 
 # Per-token tensors of each mode (the head weight/bias are shared by all tokens, never sliced or counted).
 _PER_TOKEN_FIELDS = {

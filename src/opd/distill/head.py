@@ -1,0 +1,209 @@
+"""The fused output-head divergence: from final hidden states to the loss and its gradients, chunk by chunk.
+
+Shapes: N target tokens, H hidden size, W the output head's rows (its width, often padded beyond the
+tokenizer), V the compared vocabulary (the tokenizer's size, V <= W), c a chunk's tokens.
+
+Why: the student's logits for N target tokens are an N x V tensor (16k tokens x 151,936 x 4 B = 10 GB in
+fp32) and autograd keeps it, plus a gradient of the same size, until the backward. Here, per chunk of c
+tokens: logits_c_V = hidden_c_H @ head_V_H.T (+ bias), the divergence and its closed-form gradient wrt
+those logits (``opd.distill.losses``, written into the logits' own storage), then the gradients wrt the
+hidden states (grad_c_V @ head_V_H) and the head (grad_c_V.T @ hidden_c_H, accumulated). No c x V tensor
+outlives its chunk, in forward or backward; what autograd keeps is N x H and W x H (the head's gradient,
+which exists on any path).
+
+The loss is linear in the per-token divergences, ``loss = sum_n coef_N[n] * div_N[n]``, with the
+coefficients (sample weight / global normaliser, token selection) known before the pass, so the gradients
+are complete after the forward; the backward only scales them by the upstream scalar. Exactly the
+divergences and teacher signals of ``token_divergence`` (they share the per-chunk code).
+
+Accumulation: the head's gradient adds one chunk at a time in the head's dtype (``addmm_``; each chunk's
+product accumulates in fp32 inside the matmul): bit-for-bit autograd's in fp32, one rounding per chunk in
+bf16 (chunk_size 1024: a few chunks per micro-batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from opd.distill.losses import _compute, _plan
+from opd.distill.teacher_signal import TeacherSignal
+
+# a token-selection rule: (div_N, entropy_N) of every target token -> a factor per token (0 drops it)
+Selector = Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]
+
+
+@dataclass
+class HeadDivergence:
+    loss: torch.Tensor  # scalar, differentiable wrt the hidden states, head weight and bias
+    div_N: torch.Tensor  # fp32, detached: every target token's divergence
+    entropy_N: torch.Tensor  # fp32, detached: the student's entropy per target token
+    selected_N: torch.Tensor | None  # the selector's factor per token (None: no selector)
+
+
+@dataclass
+class _Spec:
+    teacher: TeacherSignal
+    kind: str
+    beta: float
+    vocab: int
+    chunk_size: int
+    coef_N: torch.Tensor
+    select: Selector | None
+    need_grad: bool
+
+
+def head_divergence(
+    hidden_N_H: torch.Tensor,
+    weight_W_H: torch.Tensor,
+    bias_W: torch.Tensor | None,
+    teacher: TeacherSignal,
+    kind: str,
+    *,
+    coef_N: torch.Tensor | None = None,
+    select: Selector | None = None,
+    beta: float = 0.5,
+    chunk_size: int = 1024,
+    vocab_size: int | None = None,
+) -> HeadDivergence:
+    """``loss = sum_n coef_N[n] * select_N[n] * div_N[n]`` with ``div_N`` the divergence ``kind`` between the
+    student's distribution at ``hidden_N_H @ weight_W_H[:V].T + bias`` and ``teacher`` (one row per token).
+
+    ``coef_N`` defaults to ones. With a ``select`` rule the divergences and entropies of all tokens are
+    computed first without gradients (a scoring pass over the head only), the rule's factors multiply
+    ``coef_N``, and the gradient pass visits only the tokens whose coefficient is non-zero.
+    ``vocab_size`` compares the first V columns (the tokenizer's); head rows beyond it get zero gradient.
+    """
+    if hidden_N_H.ndim != 2 or weight_W_H.ndim != 2 or hidden_N_H.shape[1] != weight_W_H.shape[1]:
+        raise ValueError(
+            f"hidden_N_H {tuple(hidden_N_H.shape)} and weight_W_H {tuple(weight_W_H.shape)} must share the "
+            "hidden size"
+        )
+    vocab = weight_W_H.shape[0] if vocab_size is None else vocab_size
+    if not 0 < vocab <= weight_W_H.shape[0]:
+        raise ValueError(f"vocab_size={vocab_size} must lie in [1, {weight_W_H.shape[0]}] (the head's rows)")
+    n = hidden_N_H.shape[0]
+    if teacher.num_tokens != n:
+        raise ValueError(f"{n} hidden states but the teacher signal has {teacher.num_tokens} tokens")
+    if coef_N is None:
+        coef_N = torch.ones(n, dtype=torch.float32, device=hidden_N_H.device)
+    elif coef_N.shape != (n,):
+        raise ValueError(f"coef_N must have shape ({n},), got {tuple(coef_N.shape)}")
+    inputs = [t for t in (hidden_N_H, weight_W_H, bias_W) if t is not None]
+    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    spec = _Spec(teacher, kind, beta, vocab, chunk_size, coef_N.detach().float(), select, need_grad)
+    loss, div_N, entropy_N, selected_N = _HeadDivergenceFn.apply(hidden_N_H, weight_W_H, bias_W, spec)
+    return HeadDivergence(loss, div_N, entropy_N, None if select is None else selected_N)
+
+
+class _HeadDivergenceFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden_N_H, weight_W_H, bias_W, spec: _Spec):
+        n, device = hidden_N_H.shape[0], hidden_N_H.device
+        head_V_H = weight_W_H[: spec.vocab]
+        bias_V = None if bias_W is None else bias_W[: spec.vocab]
+        div_N = torch.zeros(n, dtype=torch.float32, device=device)
+        entropy_N = torch.zeros(n, dtype=torch.float32, device=device)
+        coef_N = spec.coef_N.to(device)
+        selected_N = torch.ones(n, dtype=torch.float32, device=device)
+        rows_N = torch.arange(n, device=device)
+        if spec.select is not None:  # scoring pass: every token's divergence and entropy, no gradient
+            for idx in _chunks(rows_N, spec.chunk_size):
+                _chunk(spec, hidden_N_H, head_V_H, bias_V, idx, div_N, entropy_N, None)
+            factor_N = spec.select(div_N.clone(), entropy_N.clone())
+            if factor_N is not None:
+                selected_N = factor_N.detach().to(device, torch.float32)
+                if selected_N.shape != (n,):
+                    raise ValueError(f"the token selector returned shape {tuple(selected_N.shape)}, not ({n},)")
+                coef_N = coef_N * selected_N
+            rows_N = coef_N.nonzero().flatten() if spec.need_grad else rows_N[:0]
+        grads = None
+        if spec.need_grad:
+            grads = (
+                torch.zeros_like(hidden_N_H),
+                torch.zeros_like(weight_W_H),
+                None if bias_W is None else torch.zeros_like(bias_W),
+            )
+        if spec.select is None or spec.need_grad:
+            for idx in _chunks(rows_N, spec.chunk_size):
+                _chunk(spec, hidden_N_H, head_V_H, bias_V, idx, div_N, entropy_N, (coef_N, grads))
+        loss = (coef_N * div_N).sum()
+        ctx.grads = grads
+        ctx.mark_non_differentiable(div_N, entropy_N, selected_N)
+        return loss, div_N, entropy_N, selected_N
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_div, _grad_entropy, _grad_selected):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("head_divergence: a second backward (its gradients are handed over once)")
+        return (
+            *(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads),
+            None,
+        )
+
+
+def _chunks(rows_N: torch.Tensor, size: int) -> Iterator[torch.Tensor | slice]:
+    """Consecutive row ranges as slices (no gather) when the rows are all tokens, else index tensors."""
+    n = rows_N.shape[0]
+    contiguous = n == 0 or int(rows_N[-1]) - int(rows_N[0]) == n - 1
+    for start in range(0, n, size):
+        if contiguous:
+            first = int(rows_N[start])
+            yield slice(first, first + min(size, n - start))
+        else:
+            yield rows_N[start : start + size]
+
+
+def _chunk(spec: _Spec, hidden_N_H, head_V_H, bias_V, idx, div_N, entropy_N, grad_into) -> None:
+    """One chunk's logits, divergence and entropy; with ``grad_into=(coef_N, grads)`` also the chunk's
+    gradients wrt the hidden rows and the head (added into ``grads``)."""
+    hidden_c_H = hidden_N_H[idx]
+    logits_c_V = F.linear(hidden_c_H, head_V_H, bias_V)  # the head's dtype, like the model's own head
+    need_grad = grad_into is not None
+    plan = _plan(logits_c_V, spec.teacher.slice(idx), spec.kind, spec.beta, logits_c_V.shape[0] or 1, None,
+                 spec.vocab, overwrite=False)  # fmt: skip
+    plan.need_grad, plan.overwrite = need_grad, need_grad  # the chunk's logits are ours: reuse their storage
+    div_c, entropy_c, grad_c_V, row_scale_c = _compute(plan, need_grad)
+    div_N[idx], entropy_N[idx] = div_c.float(), entropy_c.float()
+    if not need_grad:
+        return
+    coef_N, (grad_hidden_N_H, grad_weight_W_H, grad_bias_W) = grad_into
+    grad_c_V.mul_((coef_N[idx] * row_scale_c).to(grad_c_V.dtype)[:, None])
+    grad_hidden_N_H[idx] = grad_c_V @ head_V_H
+    grad_weight_W_H[: spec.vocab].addmm_(grad_c_V.t(), hidden_c_H)
+    if grad_bias_W is not None:
+        grad_bias_W[: spec.vocab].add_(grad_c_V.sum(0))
+
+
+@contextmanager
+def output_head_replaced(model: torch.nn.Module, fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]):
+    """Within the block, the model's output head computes ``fn(head, hidden_1_N_H)`` instead of its logits.
+
+    Why inside the model's forward: under FSDP the head's weight is gathered (and on the compute device)
+    only while the model runs, and its gradient reaches the sharded parameter only through that forward's
+    graph. Call the model with ``logits_to_keep=<index tensor>`` so the head sees the target positions
+    only; whatever ``fn`` returns comes back as the output's ``logits``.
+    """
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise ValueError(
+            f"{type(model).__name__} transforms its logits after the output head (final_logit_softcapping): "
+            "the fused output-head divergence does not support it"
+        )
+    head = model.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ValueError(f"{type(model).__name__} has no output head with a weight (get_output_embeddings)")
+    had_own = "forward" in head.__dict__
+    own = head.__dict__.get("forward")
+    head.forward = lambda hidden: fn(head, hidden)
+    try:
+        yield head
+    finally:
+        if had_own:
+            head.forward = own
+        else:
+            del head.forward

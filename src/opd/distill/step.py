@@ -1,0 +1,375 @@
+"""The two-phase OPD step in plain torch: teacher phase, then student phase, over packed micro-batches.
+
+Shapes: N target tokens of a micro-batch, H hidden size, V compared vocabulary (legend in
+``opd.distill.head``).
+
+It is given the modules, the optimizer and the typed config, and knows nothing of Ray or verl's worker
+classes: verl's worker (``opd.distill.worker``) is a thin adapter around it (FSDP loading and offload,
+dispatch, the learning-rate schedule), and ``python -m opd.bench.step`` and the tests call it directly, on
+CPU or a GPU, with or without a process group.
+
+1. ``plan_passes``: rows packed into micro-batches per mini-batch; one all-reduce gives every rank the same
+   number of micro-batches per mini-batch (padding micro-batches where it has fewer), another the global
+   loss normaliser of each mini-batch.
+2. ``teacher_phase``: per micro-batch, the teacher's final hidden states at the target positions only (its
+   output head is replaced for the forward: no per-layer states, no logits) and the configured signal on
+   CPU. The head is copied once per step, inside the first forward (where FSDP has gathered it onto the
+   compute device): to the device for logits/topk/sampled, to CPU once for ``hidden``.
+3. ``student_phase``: per mini-batch, per micro-batch a student forward whose output head computes the
+   fused output-head divergence (``opd.distill.head``), a backward, then clip and step.
+
+Loss (the same with 1 or 64 ranks): per mini-batch m, with w_i the row's sample weight and d_n the
+token divergences,
+- ``token-mean``:          sum_n w_row(n) d_n / sum_n w_row(n), sums over the mini-batch's tokens on all ranks;
+- ``seq-mean-token-mean``: sum_i w_i mean_i(d) / sum_i w_i, sums over its rows on all ranks.
+Each rank's loss is its own share of that sum times the world size, because FSDP averages the ranks'
+gradients.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+from opd.distill.batch import OPDBatch
+from opd.distill.config import OPDConfig
+from opd.distill.head import head_divergence, output_head_replaced
+from opd.distill.packing import PackedMicroBatch, mini_batches, pad_to
+from opd.distill.teacher_signal import TeacherSignal
+
+# (div_N, entropy_N, micro-batch, step) -> a factor per target token (0 drops it) or None (keep all)
+TokenSelector = Callable[[torch.Tensor, torch.Tensor, PackedMicroBatch, int], torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """The batch geometry of a step, in verl's meaning after its per-rank normalisation."""
+
+    rows_per_mini_batch: int  # rows per optimizer step on this rank (verl: ppo_mini_batch_size * n / ranks)
+    max_rows: int | None = None  # rows per micro-batch (ppo_micro_batch_size_per_gpu)
+    max_tokens: int | None = None  # or tokens per micro-batch (use_dynamic_bsz: ppo_max_token_len_per_gpu)
+    ppo_epochs: int = 1
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if (self.max_rows is None) == (self.max_tokens is None):
+            raise ValueError("StepSettings needs exactly one of max_rows and max_tokens")
+
+
+class Collectives:
+    """The all-reduces of the step over ``group`` (torch.distributed's default group when initialised; a
+    single rank otherwise). ``ranks_average_gradients``: FSDP/DDP divide the summed gradients by the world
+    size, so each rank's loss is scaled by it."""
+
+    def __init__(self, group=None, ranks_average_gradients: bool = True):
+        self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.group = group
+        self.world_size = torch.distributed.get_world_size(group) if self.distributed else 1
+        self.loss_scale = float(self.world_size) if ranks_average_gradients else 1.0
+
+    def all_reduce(self, values: list[float], op: str, device) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        if self.distributed and tensor.numel():
+            reduce_op = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}[op]
+            torch.distributed.all_reduce(tensor, op=reduce_op, group=self.group)
+        return tensor.tolist()
+
+
+@dataclass
+class StepPlan:
+    """Packed micro-batches per mini-batch (equal counts on every rank) and each mini-batch's global
+    normaliser (0: no target token on any rank; the optimizer step is skipped)."""
+
+    minis: list[list[PackedMicroBatch]]
+    normaliser_M: list[float]
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def _row_weights(opd: OPDBatch) -> torch.Tensor:
+    return opd.sample_weight_B.float() if opd.sample_weight_B is not None else torch.ones(len(opd))
+
+
+def _targets_per_row(opd: OPDBatch) -> torch.Tensor:
+    return opd.target_mask_B_L.sum(-1).float()
+
+
+def plan_passes(
+    opd: OPDBatch,
+    batch_rows: int,
+    settings: StepSettings,
+    opd_config: OPDConfig,
+    collectives: Collectives | None = None,
+    device="cpu",
+    pad_token_id: int = 0,
+) -> StepPlan:
+    """Pack ``opd``'s rows (``batch_rows``: the rollout rows this rank was given, before any was dropped)."""
+    collectives = collectives or Collectives()
+    minis = mini_batches(
+        opd, batch_rows, settings.rows_per_mini_batch, max_tokens=settings.max_tokens, max_rows=settings.max_rows
+    )
+    local_counts = [float(len(micro)) for micro in minis]
+    weights_B, targets_B = _row_weights(opd), _targets_per_row(opd)
+    local_norm = []
+    for micro in minis:
+        rows = torch.cat([mb.rows_R for mb in micro]) if micro else torch.zeros(0, dtype=torch.long)
+        per_row = weights_B[rows] * targets_B[rows] if opd_config.loss_agg_mode == "token-mean" else weights_B[rows]
+        local_norm.append(float(per_row.sum()))
+    counts = collectives.all_reduce(local_counts, "max", device)
+    normaliser = collectives.all_reduce(local_norm, "sum", device)
+    pad_to(minis, [int(c) for c in counts], pad_token_id)
+    n_micro = sum(len(micro) for micro in minis)
+    n_padding = sum(mb.padding for micro in minis for mb in micro)
+    stats = {
+        "opd/micro_batches": float(n_micro),
+        "opd/padding_micro_batches": float(n_padding),
+        "opd/packed_tokens": float(sum(mb.num_tokens for micro in minis for mb in micro if not mb.padding)),
+        # the output head computes one row per target token (padding micro-batches: one row each)
+        "opd/logit_rows_per_target_token": float(
+            sum(len(mb.target_index_N) for micro in minis for mb in micro)
+            / max(sum(mb.num_targets for micro in minis for mb in micro), 1)
+        ),
+    }
+    return StepPlan(minis, normaliser, stats)
+
+
+def coefficients(
+    mb: PackedMicroBatch, opd: OPDBatch, normaliser: float, opd_config: OPDConfig, loss_scale: float
+) -> torch.Tensor:
+    """Each target token's factor in the loss (module doc); 0 for a padding micro-batch."""
+    if mb.padding or normaliser == 0:
+        return torch.zeros(len(mb.target_index_N))
+    coef_N = _row_weights(opd)[mb.token_row_N]
+    if opd_config.loss_agg_mode == "seq-mean-token-mean":
+        coef_N = coef_N / _targets_per_row(opd)[mb.token_row_N]
+    return coef_N * (loss_scale / normaliser)
+
+
+@contextmanager
+def measure(name: str, metrics: dict, device):
+    """Wall time and peak memory of a phase: device peak on GPU, resident set on CPU (its peak since the
+    process began where the kernel reports it, ru_maxrss; the phase's own growth otherwise)."""
+    on_gpu = torch.device(device).type == "cuda"
+    if on_gpu:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_before = psutil.Process().memory_info().rss
+    start = time.perf_counter()
+    yield
+    if on_gpu:
+        torch.cuda.synchronize(device)
+    metrics[f"opd/{name}_seconds"] = time.perf_counter() - start
+    if on_gpu:
+        metrics[f"opd/{name}_peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        metrics[f"opd/{name}_rss_delta_gb"] = (psutil.Process().memory_info().rss - rss_before) / 2**30
+
+
+@dataclass
+class TeacherOutput:
+    """Phase 1's result: a signal per micro-batch (CPU) and, for ``hidden``, the teacher's head once."""
+
+    signals: list[list[TeacherSignal]]
+    head_weight_V_H: torch.Tensor | None = None
+    head_bias_V: torch.Tensor | None = None
+
+    def nbytes(self) -> tuple[int, int]:
+        """(bytes of the per-token tensors, bytes of the head kept once)."""
+        per_token = sum(s.nbytes_per_token() * s.num_tokens for micro in self.signals for s in micro)
+        head = sum(t.numel() * t.element_size() for t in (self.head_weight_V_H, self.head_bias_V) if t is not None)
+        return per_token, head
+
+
+@torch.no_grad()
+def teacher_phase(teacher: torch.nn.Module, plan: StepPlan, opd_config: OPDConfig, device) -> TeacherOutput:
+    """Phase 1 (module doc): every micro-batch's teacher signal, on CPU."""
+    teacher.eval()
+    mode, vocab = opd_config.teacher_signal, opd_config.vocab_size
+    head: dict[str, torch.Tensor | None] = {}
+
+    def final_hidden(module, hidden_1_N_H):
+        if not head:  # once per step, inside the forward: FSDP has the full head on the compute device here
+            weight = module.weight[:vocab] if vocab else module.weight
+            bias = None if module.bias is None else (module.bias[:vocab] if vocab else module.bias)
+            keep = "cpu" if mode == "hidden" else hidden_1_N_H.device
+            head["weight"] = weight.detach().to(keep, copy=True)
+            head["bias"] = None if bias is None else bias.detach().to(keep, copy=True)
+        head["hidden"] = hidden_1_N_H[0]
+        return hidden_1_N_H.new_zeros(())
+
+    signals = []
+    for micro in plan.minis:
+        signals.append([])
+        for mb in micro:
+            with output_head_replaced(teacher, final_hidden):
+                teacher(**mb.model_inputs(device))
+            hidden_N_H = head.pop("hidden")
+            if mode == "hidden":
+                signal = TeacherSignal(
+                    "hidden",
+                    hidden_N_H=hidden_N_H.to("cpu", torch.bfloat16),
+                    head_weight_V_H=head["weight"],
+                    head_bias_V=head["bias"],
+                )
+            else:
+                signal = TeacherSignal.from_hidden(
+                    hidden_N_H,
+                    head["weight"],
+                    head["bias"],
+                    mode=mode,
+                    k=opd_config.topk,
+                    sampled_ids_N=mb.target_ids_N.to(hidden_N_H.device),
+                    chunk_size=opd_config.chunk_size,
+                    device="cpu",
+                )
+            signals[-1].append(signal)
+    if mode == "hidden":
+        return TeacherOutput(signals, head["weight"], head["bias"])
+    return TeacherOutput(signals)  # the device copy of the head is freed with `head`
+
+
+def _on_device(signal: TeacherSignal, head_weight, head_bias, device) -> TeacherSignal:
+    """The micro-batch's signal on the device; a ``hidden`` signal points at the head uploaded once."""
+    if signal.mode != "hidden":
+        return signal.to(device)
+    return TeacherSignal("hidden", hidden_N_H=signal.hidden_N_H.to(device), head_weight_V_H=head_weight,
+                         head_bias_V=head_bias)  # fmt: skip
+
+
+def default_clip_and_step(module: torch.nn.Module, optimizer, max_norm: float) -> float:
+    """Clip the gradient norm and step; a non-finite norm skips the step (it would poison the weights)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm=max_norm)
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+    else:
+        optimizer.zero_grad()
+    return float(grad_norm)
+
+
+def student_phase(
+    student: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    plan: StepPlan,
+    teacher_out: TeacherOutput,
+    opd: OPDBatch,
+    opd_config: OPDConfig,
+    settings: StepSettings,
+    device,
+    *,
+    loss_type: str | None = None,
+    step: int = 0,
+    collectives: Collectives | None = None,
+    clip_and_step: Callable[[], float] | None = None,
+    select_tokens: TokenSelector | None = None,
+) -> dict[str, float]:
+    """Phase 2 (module doc): ``ppo_epochs`` passes over the mini-batches, one optimizer step each. The
+    teacher signal serves every pass: it depends on the rollout tokens only."""
+    collectives = collectives or Collectives()
+    loss_type = loss_type or opd_config.loss_type
+    clip_and_step = clip_and_step or (lambda: default_clip_and_step(student, optimizer, settings.grad_clip))
+    student.train()
+    head_weight = None if teacher_out.head_weight_V_H is None else teacher_out.head_weight_V_H.to(device)
+    head_bias = None if teacher_out.head_bias_V is None else teacher_out.head_bias_V.to(device)
+    totals = {"div": 0.0, "entropy": 0.0, "tokens": 0, "kept": 0.0}
+    grad_norms, epoch_divergence, skipped = [], [], 0
+    for _ in range(settings.ppo_epochs):
+        div_before, tokens_before = totals["div"], totals["tokens"]
+        for m, micro in enumerate(plan.minis):
+            optimizer.zero_grad()
+            for mb, signal in zip(micro, teacher_out.signals[m], strict=True):
+                _micro_step(student, mb, _on_device(signal, head_weight, head_bias, device), opd, opd_config,
+                            plan.normaliser_M[m], collectives, loss_type, step, select_tokens, totals, device)  # fmt: skip
+            if plan.normaliser_M[m] == 0:  # no target token on any rank: nothing to learn, no step
+                skipped += 1
+                continue
+            grad_norms.append(clip_and_step())
+        epoch_divergence.append((totals["div"] - div_before) / max(totals["tokens"] - tokens_before, 1))
+    n_tokens = max(totals["tokens"], 1)
+    return {
+        "opd/divergence": totals["div"] / n_tokens,
+        # the same value under the divergence actually optimised, so a run can show which one it was
+        f"opd/divergence/{loss_type}": totals["div"] / n_tokens,
+        # the same rows before and after this step's updates (ppo_epochs > 1): did the updates move the
+        # student toward the teacher?
+        "opd/divergence_first_epoch": epoch_divergence[0],
+        "opd/divergence_last_epoch": epoch_divergence[-1],
+        "opd/selected_token_fraction": totals["kept"] / n_tokens,
+        "opd/optimizer_steps": float(len(grad_norms)),
+        "opd/optimizer_steps_skipped_empty": float(skipped),
+        "actor/entropy": totals["entropy"] / n_tokens,  # replaces verl's (skipped) old-log-prob pass
+        "actor/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+    }
+
+
+def _micro_step(student, mb, signal, opd, opd_config, normaliser, collectives, loss_type, step, select_tokens,
+                totals, device) -> None:  # fmt: skip
+    coef_N = coefficients(mb, opd, normaliser, opd_config, collectives.loss_scale).to(device)
+    select = None
+    if select_tokens is not None and not mb.padding:
+        def select(div_N, entropy_N):
+            return select_tokens(div_N, entropy_N, mb, step)
+    result = {}
+
+    def fused(head, hidden_1_N_H):
+        result["r"] = head_divergence(
+            hidden_1_N_H[0], head.weight, head.bias, signal, loss_type, coef_N=coef_N, select=select,
+            beta=opd_config.beta, chunk_size=opd_config.chunk_size, vocab_size=opd_config.vocab_size,
+        )  # fmt: skip
+        return result["r"].loss
+
+    with output_head_replaced(student, fused):
+        loss = student(**mb.model_inputs(device)).logits
+    loss.backward()
+    if mb.padding:
+        return
+    r = result["r"]
+    totals["div"] += float(r.div_N.sum())
+    totals["entropy"] += float(r.entropy_N.sum())
+    totals["tokens"] += mb.num_targets
+    totals["kept"] += mb.num_targets if r.selected_N is None else float((r.selected_N > 0).sum())
+
+
+def run_step(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    opd: OPDBatch,
+    opd_config: OPDConfig,
+    settings: StepSettings,
+    device="cpu",
+    *,
+    batch_rows: int | None = None,
+    collectives: Collectives | None = None,
+    **student_kwargs,
+) -> dict[str, float]:
+    """Both phases on modules held in memory (tests and benchmarks; the verl worker loads and offloads
+    between the phases itself). Returns the step's metrics."""
+    collectives = collectives or Collectives()
+    metrics = dict(opd.stats)
+    plan = plan_passes(opd, batch_rows if batch_rows is not None else len(opd), settings, opd_config, collectives,
+                       device)  # fmt: skip
+    metrics.update(plan.stats)
+    with measure("teacher", metrics, device):
+        teacher_out = teacher_phase(teacher, plan, opd_config, device)
+    metrics.update(signal_metrics(teacher_out))
+    with measure("student", metrics, device):
+        metrics.update(
+            student_phase(student, optimizer, plan, teacher_out, opd, opd_config, settings, device,
+                          collectives=collectives, **student_kwargs)  # fmt: skip
+        )
+    return metrics
+
+
+def signal_metrics(teacher_out: TeacherOutput) -> dict[str, float]:
+    per_token, head = teacher_out.nbytes()
+    n_tokens = sum(s.num_tokens for micro in teacher_out.signals for s in micro)
+    return {
+        # which signal the teacher sent, in its own unit (logits 2V, hidden 2H, topk 8K+4, sampled 8)
+        "opd/teacher_signal_bytes_per_token": per_token / max(n_tokens, 1),
+        "opd/teacher_head_mb": head / 2**20,  # hidden: the head, kept once per step
+        "opd/teacher_signal_mb": (per_token + head) / 2**20,
+    }
