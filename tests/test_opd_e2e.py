@@ -51,6 +51,14 @@ def signal_bytes_per_token(tiny_assets: Path, signal: str, topk: int = 64) -> in
     ]
 
 
+def teacher_head_bytes(tiny_assets: Path) -> int:
+    """The teacher's output head over the compared vocabulary, in its dtype (fp32 on CPU)."""
+    from transformers import AutoTokenizer
+
+    teacher = json.loads((tiny_assets / "teacher" / "config.json").read_text())
+    return len(AutoTokenizer.from_pretrained(tiny_assets / "student")) * teacher["hidden_size"] * 4
+
+
 def assert_trained_with(steps: dict[int, dict], loss_type: str, bytes_per_token: int) -> None:
     """The run optimised ``loss_type`` (and no other) from the configured teacher signal."""
     for data in steps.values():
@@ -111,9 +119,16 @@ def test_train_opd_sh_trains_with_the_recipes_own_settings(launcher_run, tiny_as
     assert config.actor_rollout_ref.rollout.n == 1 and config.actor_rollout_ref.actor.optim.lr == 1e-6
     steps = train_steps(launcher_run)
     assert sorted(steps) == [1, 2]
-    assert_trained_with(steps, "reverse_kl", signal_bytes_per_token(tiny_assets, "logits"))
+    assert config.opd.loss_agg_mode == "seq-mean-token-mean"  # the original repository's per-sample mean
+    assert_trained_with(steps, "reverse_kl", signal_bytes_per_token(tiny_assets, "hidden"))
+    head_mb = teacher_head_bytes(tiny_assets) / 2**20
     for data in steps.values():
         assert data["opd/rows"] == 8  # 8 prompts x 1 sample
+        # packed rows, the output head at target positions only; the teacher's head kept once per step
+        assert data["opd/logit_rows_per_target_token"] == 1.0
+        assert data["opd/teacher_head_mb"] == pytest.approx(head_mb)
+        per_token_mb = data["opd/target_tokens"] * data["opd/teacher_signal_bytes_per_token"] / 2**20
+        assert data["opd/teacher_signal_mb"] == pytest.approx(head_mb + per_token_mb)
         assert math.isfinite(data["actor/grad_norm"]) and data["opd/target_tokens"] > 0
     validated = [r for r in read_metrics(launcher_run) if any(k.startswith("val-core/") for k in r["data"])]
     assert [r["step"] for r in validated] == [2]  # the recipe does not validate before training

@@ -1,6 +1,7 @@
 """Reward weights, and the worker's extension hooks (``select_tokens``, ``divergence_at``) run through the
-worker's real update (``_student_update`` / ``_mini_batch_step``) on the tiny models, without Ray: the
-gradient the worker leaves on the student equals autograd's on the loss written out by hand."""
+worker's real update (``update_actor_opd``: the verl adapter around ``opd.distill.step``) on the tiny
+models, without Ray or FSDP: the gradient the worker leaves on the student equals autograd's on the loss
+written out by hand."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import torch
 from omegaconf import OmegaConf
 from verl import DataProto
 
+from opd.bench.padded import padded_micro_batches, padded_teacher_signals
 from opd.distill.batch import build_opd_batch
+from opd.distill.config import OPDConfig
 from opd.distill.losses import token_divergence
 from opd.distill.weights import reward_weights
-from opd.distill.worker import OPDActorRolloutRefWorker, _micro_batches
+from opd.distill.worker import OPDActorRolloutRefWorker
 
 VOCAB = 438  # the tiny tokenizer's size (both tiny heads are this wide)
 
@@ -71,6 +74,9 @@ OPD_CONFIG = {
     "vocab_size": VOCAB,
     "max_length": 4096,
     "overlong": "truncate",
+    "reward_beta": 0.0,
+    "loss_agg_mode": "token-mean",
+    "teacher_path": None,
 }
 ROWS, MICRO_ROWS = 4, 2  # one mini-batch of two micro-batches: the normaliser spans both
 
@@ -109,6 +115,10 @@ def load(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
 
+class Tokenizer:
+    pad_token_id = 0
+
+
 def bare_worker(cls, student, teacher) -> OPDActorRolloutRefWorker:
     """The worker object without Ray or FSDP: only the attributes the update reads. The optimizer has
     lr 0 (its step leaves the weights and their .grad as the update computed them) and the clip is
@@ -124,25 +134,33 @@ def bare_worker(cls, student, teacher) -> OPDActorRolloutRefWorker:
                 "ppo_mini_batch_size": ROWS,
                 "ppo_micro_batch_size_per_gpu": MICRO_ROWS,
                 "ppo_epochs": 1,
+                "use_dynamic_bsz": False,
             }
         }
     )
+    worker.tokenizer = Tokenizer()
+    worker._is_actor = worker._is_ref = True
     worker._is_offload_param = worker._is_offload_optimizer = False
     return worker
 
 
+def update(worker, step: int = 0) -> dict:
+    batch = rollout_batch()
+    batch.meta_info.update(opd=dict(OPD_CONFIG), global_steps=step)
+    return worker.update_actor_opd(batch).meta_info["metrics"]
+
+
 @pytest.fixture
 def setup(tiny_assets):
-    """(opd batch, micro-batches, teacher signals from the worker's own phase 1, fresh tiny student)."""
+    """(opd batch, padded micro-batches with the teacher's logits for the hand-written loss, the teacher,
+    a fresh tiny student)."""
     torch.manual_seed(0)
     opd = build_opd_batch(rollout_batch(), pad_token_id=0)
-    micro = _micro_batches(opd, MICRO_ROWS, "cpu")
+    micro = padded_micro_batches(opd, MICRO_ROWS, "cpu")
     assert len(micro) == 2
     teacher = load(tiny_assets / "teacher")
-    signals = bare_worker(OPDActorRolloutRefWorker, load(tiny_assets / "student"), teacher)._teacher_signals(
-        micro, OPD_CONFIG
-    )
-    return opd, micro, signals, load(tiny_assets / "student")
+    signals = padded_teacher_signals(teacher, micro, OPDConfig(**OPD_CONFIG))
+    return opd, micro, signals, teacher, load(tiny_assets / "student")
 
 
 def student_logits_N_V(student, mb) -> torch.Tensor:
@@ -195,22 +213,21 @@ class KeepHighDivergence(OPDActorRolloutRefWorker):
 
 
 def test_select_tokens_mask_gives_the_gradient_of_the_masked_loss(setup):
-    opd, micro, signals, student = setup
-    worker = bare_worker(KeepHighDivergence, student, None)
+    opd, micro, signals, teacher, student = setup
+    worker = bare_worker(KeepHighDivergence, student, teacher)
     worker.masks_N = []
-    totals = {"div": 0.0, "entropy": 0.0, "tokens": 0, "kept": 0.0}
-    worker._mini_batch_step(list(zip(micro, signals, strict=True)), OPD_CONFIG, "reverse_kl", 0, totals)
+    metrics = update(worker)
     worker_grad = gradient(student)
 
     n_tokens = int(opd.target_mask_B_L.sum())
     n_kept = int(sum(mask_N.sum() for mask_N in worker.masks_N))
     assert len(worker.masks_N) == 2 and 0 < n_kept < n_tokens
-    assert totals["tokens"] == n_tokens
-    assert totals["kept"] == n_kept  # only the kept tokens are counted as kept
+    assert metrics["opd/target_tokens"] == n_tokens
+    assert metrics["opd/selected_token_fraction"] == n_kept / n_tokens  # only the kept tokens count as kept
 
     masked_grad, mean_div = reference_gradient(student, micro, signals, "reverse_kl", worker.masks_N)
     assert relative_error(worker_grad, masked_grad) < 1e-4
-    assert totals["div"] / n_tokens == pytest.approx(mean_div, rel=1e-4)  # the divergence of every token
+    assert metrics["opd/divergence"] == pytest.approx(mean_div, rel=1e-4)  # the divergence of every token
     full_grad, _ = reference_gradient(student, micro, signals, "reverse_kl")
     assert relative_error(worker_grad, full_grad) > 1e-2  # the mask matters: not the unmasked gradient
 
@@ -224,10 +241,10 @@ class ForwardKLWorker(OPDActorRolloutRefWorker):
 
 
 def test_divergence_at_chooses_the_divergence_the_update_optimises(setup):
-    _, micro, signals, student = setup
-    worker = bare_worker(ForwardKLWorker, student, None)
+    _, micro, signals, teacher, student = setup
+    worker = bare_worker(ForwardKLWorker, student, teacher)
     worker.asked_at = []
-    metrics = worker._student_update(micro, signals, OPD_CONFIG, step=7)  # opd.loss_type: reverse_kl
+    metrics = update(worker, step=7)  # opd.loss_type: reverse_kl
     worker_grad = gradient(student)
     assert worker.asked_at == [7]
     assert "opd/divergence/forward_kl" in metrics and "opd/divergence/reverse_kl" not in metrics
@@ -246,3 +263,20 @@ def test_divergence_at_chooses_the_divergence_the_update_optimises(setup):
     assert relative_error(worker_grad, forward_grad) < 1e-4
     reverse_grad, _ = reference_gradient(student, micro, signals, "reverse_kl")
     assert relative_error(worker_grad, reverse_grad) > 1e-2
+
+
+def test_the_student_keeps_its_tokenizer_after_the_teacher_is_built(monkeypatch):
+    """verl assigns ``self.tokenizer`` for every model it builds (the teacher last) and gives it to the
+    checkpoint manager: the worker keeps the student's. (verl's builder replaced: it needs a GPU-less FSDP
+    setup that this unit test does not start; the e2e runs build the real thing.)"""
+    from verl.workers.fsdp_workers import AsyncActorRolloutRefWorker
+
+    def fake_build(self, model_path, *args, role="actor", **kwargs):
+        self.tokenizer, self.processor = f"tokenizer of {model_path}", None
+        return model_path
+
+    monkeypatch.setattr(AsyncActorRolloutRefWorker, "_build_model_optimizer", fake_build, raising=False)
+    worker = object.__new__(OPDActorRolloutRefWorker)
+    assert worker._build_model_optimizer("student", role="actor") == "student"
+    assert worker._build_model_optimizer("teacher", role="ref") == "teacher"
+    assert worker.tokenizer == "tokenizer of student"

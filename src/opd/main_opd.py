@@ -13,14 +13,27 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from opd.data.checks import InputError, resolve_model_dir
+from opd.distill.config import OPDConfig, OPDConfigError, check_trainer
 from opd.runtime import check_inputs, exit_on_input_error, prepare
 
 
+def check_opd(config: DictConfig) -> OPDConfig:
+    """The ``opd:`` group as a typed config, and the verl settings the OPD step reads (no model is read)."""
+    from omegaconf import OmegaConf
+
+    try:
+        opd = OPDConfig.from_mapping(OmegaConf.to_container(config.opd, resolve=True))
+        check_trainer(opd, OmegaConf.to_container(config.actor_rollout_ref, resolve=True))
+    except OPDConfigError as error:
+        raise InputError(str(error)) from error
+    return opd
+
+
 def check_teacher(config: DictConfig) -> None:
-    """Teacher present, same tokenizer as the student, a supported loss/signal pair; fills opd.vocab_size."""
+    """Teacher present, same tokenizer as the student; fills opd.vocab_size and the ref model's path."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from opd.distill.losses import SUPPORTED, aligned_vocab_size
+    from opd.distill.losses import aligned_vocab_size
 
     opd = config.opd
     if not opd.teacher_path:
@@ -29,14 +42,6 @@ def check_teacher(config: DictConfig) -> None:
         )
     teacher = resolve_model_dir(opd.teacher_path, "teacher", "TEACHER_MODEL_PATH / opd.teacher_path")
     student = config.actor_rollout_ref.model.path
-    if opd.teacher_signal not in SUPPORTED:
-        raise InputError(f"opd.teacher_signal={opd.teacher_signal}: choose one of {sorted(SUPPORTED)}")
-    if opd.loss_type not in SUPPORTED[opd.teacher_signal]:
-        modes = [m for m, kinds in SUPPORTED.items() if opd.loss_type in kinds]
-        raise InputError(
-            f"opd.loss_type={opd.loss_type} is not supported with opd.teacher_signal={opd.teacher_signal} "
-            f"(it supports {list(SUPPORTED[opd.teacher_signal])}); use teacher_signal in {modes}"
-        )
     student_tokenizer = AutoTokenizer.from_pretrained(student)
     teacher_tokenizer = AutoTokenizer.from_pretrained(teacher)
     if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
@@ -66,7 +71,8 @@ CONFIG_NAME = "opd_trainer"
 
 
 def check_config(config: DictConfig) -> None:
-    """Student, data and teacher: everything a run needs before Ray starts."""
+    """The typed OPD config, student, data and teacher: everything a run needs before Ray starts."""
+    check_opd(config)
     check_inputs(config)
     check_teacher(config)
 

@@ -89,7 +89,9 @@ def _row_lists_from_raw_prompt(batch, tokenizer, chat_template_kwargs: dict | No
     return rows
 
 
-def _assemble(batch, rows, max_length: int | None, overlong: str, pad_token_id: int, source: str) -> OPDBatch:
+def _assemble(
+    batch, rows, max_length: int | None, overlong: str, pad_token_id: int, source: str, allow_empty: bool = False
+) -> OPDBatch:
     if overlong not in OVERLONG_POLICIES:
         raise ValueError(f"overlong={overlong!r}: choose one of {OVERLONG_POLICIES}")
     n_rows = len(rows)
@@ -126,13 +128,13 @@ def _assemble(batch, rows, max_length: int | None, overlong: str, pad_token_id: 
         logger.warning(
             "opd batch: skipped %d rows without model-generated tokens (all tool tokens)", n_skipped_no_target
         )
-    if not kept:
+    if not kept and not allow_empty:
         raise ValueError(
             f"no row of the {n_rows}-row batch has a model-generated token left to distill "
             f"({n_skipped_long} overlong, {n_skipped_no_target} without model tokens)"
         )
 
-    width = max(len(p) + len(r) for p, r, _ in kept)
+    width = max((len(p) + len(r) for p, r, _ in kept), default=1)
     n_kept = len(kept)
     input_ids = torch.full((n_kept, width), pad_token_id, dtype=torch.long)
     attention = torch.zeros((n_kept, width), dtype=torch.long)
@@ -171,18 +173,21 @@ def build_opd_batch(
     max_length: int | None = None,
     overlong: str = "truncate",
     chat_template_kwargs: dict | None = None,
+    allow_empty: bool = False,
 ) -> OPDBatch:
     """Rows for distillation from a verl ``DataProto`` rollout batch.
 
     Prefers the pre-tokenized ``prompts`` + ``response_mask`` (exact rollout inputs, tool tokens masked);
     falls back to ``raw_prompt`` + the chat template only if ``prompts`` is absent. A tensor
-    ``sample_weight`` (per row) and the ``uid`` column are carried along with the kept rows.
+    ``sample_weight`` (per row) and the ``uid`` column are carried along with the kept rows. A batch with no
+    row left to distill is an error unless ``allow_empty`` (one rank of several may be left without rows:
+    it still runs its passes, see ``opd.distill.packing``).
     """
     if "prompts" in batch.batch.keys():
         rows, source = _row_lists_from_prompts(batch), "prompts"
     else:
         rows, source = _row_lists_from_raw_prompt(batch, tokenizer, chat_template_kwargs), "raw_prompt"
-    return _assemble(batch, rows, max_length, overlong, _pad_id(pad_token_id, tokenizer), source)
+    return _assemble(batch, rows, max_length, overlong, _pad_id(pad_token_id, tokenizer), source, allow_empty)
 
 
 def build_opd_batch_multiturn(batch, tokenizer=None, **kwargs) -> OPDBatch:

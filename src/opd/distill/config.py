@@ -130,7 +130,7 @@ def check_trainer(opd: OPDConfig, actor_rollout_ref: Mapping[str, Any]) -> None:
 
 def _one_of(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise OPDConfigError(f"opd.{name}={value!r}: choose one of {list(choices)}")
+        raise OPDConfigError(f"opd.{name}={value}: choose one of {sorted(choices)}")
 
 
 def _check_type(name: str, value: Any, annotation: str) -> None:
