@@ -9,7 +9,7 @@ STAMP := $(VENV)/.opd-setup-done
 # set OPD_TINY_DIR to keep them elsewhere.
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-fast test-e2e lint format tiny tiny-data data demo bench-loss convert \
+.PHONY: help setup test test-fast test-e2e lint format tiny tiny-data data demo bench-loss bench-step convert \
 	slurm-up slurm-down sweep-opd sweep-grpo submit status \
 	container-build container-build-cpu container-test-cpu container-lock container-push container-pull \
 	container-sif container-verify clean
@@ -64,6 +64,9 @@ demo: setup ## the embedded default: tiny assets + a short experiment through ve
 
 bench-loss: setup ## OPD loss vs the seed's pattern at V=151,936: time, peak memory, error (a benchmark, not a test)
 	$(PY) -m opd.bench.loss --out outputs/bench/loss.json
+
+bench-step: setup ## one OPD step, packed + fused head vs the padded step, at V=151,936: time, peak memory, logit rows, signal bytes
+	$(PY) -m opd.bench.step --out outputs/bench/step.json $(BENCH_ARGS)
 
 convert: setup ## verl FSDP checkpoint -> Hugging Face model: make convert CHECKPOINT=.../global_step_N[/actor] [TARGET=dir]
 	@test -n "$(CHECKPOINT)" || { echo "usage: make convert CHECKPOINT=path/to/global_step_N [TARGET=dir]" >&2; exit 2; }

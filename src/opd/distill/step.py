@@ -121,20 +121,46 @@ def plan_passes(
         local_norm.append(float(per_row.sum()))
     counts = collectives.all_reduce(local_counts, "max", device)
     normaliser = collectives.all_reduce(local_norm, "sum", device)
+    local_micro = sum(local_counts)
     pad_to(minis, [int(c) for c in counts], pad_token_id)
-    n_micro = sum(len(micro) for micro in minis)
-    n_padding = sum(mb.padding for micro in minis for mb in micro)
+    flat = [mb for micro in minis for mb in micro]
+    # over all ranks: sums, and the spread of the micro-batch counts before padding evened them
+    padding, packed, logit_rows, targets, fewest_neg, most = _plan_sums(flat, local_micro, collectives, device)
     stats = {
-        "opd/micro_batches": float(n_micro),
-        "opd/padding_micro_batches": float(n_padding),
-        "opd/packed_tokens": float(sum(mb.num_tokens for micro in minis for mb in micro if not mb.padding)),
-        # the output head computes one row per target token (padding micro-batches: one row each)
-        "opd/logit_rows_per_target_token": float(
-            sum(len(mb.target_index_N) for micro in minis for mb in micro)
-            / max(sum(mb.num_targets for micro in minis for mb in micro), 1)
-        ),
+        "opd/micro_batches": float(len(flat)),  # per rank, padding included: the same on every rank
+        "opd/padding_micro_batches": padding,  # all ranks
+        "opd/packed_tokens": packed,  # all ranks
+        # the output head computes one row per target token
+        "opd/logit_rows_per_target_token": logit_rows / max(targets, 1.0),
+        "opd/micro_batches_per_rank_min": -fewest_neg,  # before padding
+        "opd/micro_batches_per_rank_max": most,
     }
     return StepPlan(minis, normaliser, stats)
+
+
+def _plan_sums(flat: list[PackedMicroBatch], local_micro: float, collectives: Collectives, device) -> list[float]:
+    sums = collectives.all_reduce(
+        [
+            float(sum(mb.padding for mb in flat)),
+            float(sum(mb.num_tokens for mb in flat if not mb.padding)),
+            float(sum(len(mb.target_index_N) for mb in flat if not mb.padding)),
+            float(sum(mb.num_targets for mb in flat)),
+        ],
+        "sum",
+        device,
+    )
+    fewest_neg, most = collectives.all_reduce([-local_micro, local_micro], "max", device)
+    return [*sums, fewest_neg, most]
+
+
+def global_stats(stats: dict[str, float], collectives: Collectives, device, maxima: tuple[str, ...] = ()) -> dict:
+    """Per-rank counts summed over ranks (``maxima``: the maximum instead): verl logs rank 0's metrics."""
+    keys = sorted(stats)
+    summed = collectives.all_reduce([stats[k] for k in keys if k not in maxima], "sum", device)
+    largest = collectives.all_reduce([stats[k] for k in keys if k in maxima], "max", device)
+    out = dict(zip([k for k in keys if k not in maxima], summed, strict=True))
+    out.update(zip([k for k in keys if k in maxima], largest, strict=True))
+    return out
 
 
 def coefficients(
@@ -275,7 +301,7 @@ def student_phase(
     head_weight = None if teacher_out.head_weight_V_H is None else teacher_out.head_weight_V_H.to(device)
     head_bias = None if teacher_out.head_bias_V is None else teacher_out.head_bias_V.to(device)
     totals = {"div": 0.0, "entropy": 0.0, "tokens": 0, "kept": 0.0}
-    grad_norms, epoch_divergence, skipped = [], [], 0
+    grad_norms, epoch_sums, skipped = [], [], 0
     for _ in range(settings.ppo_epochs):
         div_before, tokens_before = totals["div"], totals["tokens"]
         for m, micro in enumerate(plan.minis):
@@ -287,21 +313,26 @@ def student_phase(
                 skipped += 1
                 continue
             grad_norms.append(clip_and_step())
-        epoch_divergence.append((totals["div"] - div_before) / max(totals["tokens"] - tokens_before, 1))
-    n_tokens = max(totals["tokens"], 1)
+        epoch_sums += [totals["div"] - div_before, totals["tokens"] - tokens_before]
+    # token means over all ranks (verl logs rank 0's metrics)
+    entropy, kept, *epoch_sums = collectives.all_reduce([totals["entropy"], totals["kept"], *epoch_sums], "sum",
+                                                        device)  # fmt: skip
+    epoch_divergence = [d / max(n, 1) for d, n in zip(epoch_sums[::2], epoch_sums[1::2], strict=True)]
+    n_tokens = max(sum(epoch_sums[1::2]), 1)
+    divergence = sum(epoch_sums[::2]) / n_tokens
     return {
-        "opd/divergence": totals["div"] / n_tokens,
+        "opd/divergence": divergence,
         # the same value under the divergence actually optimised, so a run can show which one it was
-        f"opd/divergence/{loss_type}": totals["div"] / n_tokens,
+        f"opd/divergence/{loss_type}": divergence,
         # the same rows before and after this step's updates (ppo_epochs > 1): did the updates move the
         # student toward the teacher?
         "opd/divergence_first_epoch": epoch_divergence[0],
         "opd/divergence_last_epoch": epoch_divergence[-1],
-        "opd/selected_token_fraction": totals["kept"] / n_tokens,
+        "opd/selected_token_fraction": kept / n_tokens,
         "opd/optimizer_steps": float(len(grad_norms)),
         "opd/optimizer_steps_skipped_empty": float(skipped),
-        "actor/entropy": totals["entropy"] / n_tokens,  # replaces verl's (skipped) old-log-prob pass
-        "actor/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+        "actor/entropy": entropy / n_tokens,  # replaces verl's (skipped) old-log-prob pass
+        "actor/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),  # the global norm (FSDP clips globally)
     }
 
 

@@ -28,6 +28,7 @@ from opd.distill.packing import PackedMicroBatch
 from opd.distill.step import (
     Collectives,
     StepSettings,
+    global_stats,
     measure,
     plan_passes,
     signal_metrics,
@@ -79,9 +80,10 @@ class OPDActorRolloutRefWorker(AsyncActorRolloutRefWorker):
             overlong=opd_config.overlong,
             allow_empty=True,  # a rank left without rows still runs its passes (padding micro-batches)
         )
-        metrics.update(opd.stats)
         settings = step_settings(self.config.actor)
         collectives = Collectives()
+        maxima = ("opd/padded_width", "opd/prompt_source_raw")
+        metrics.update(global_stats(opd.stats, collectives, device, maxima))  # rows etc. of all ranks
         plan = plan_passes(opd, len(data), settings, opd_config, collectives, device,
                            pad_token_id=self.tokenizer.pad_token_id or 0)  # fmt: skip
         metrics.update(plan.stats)
