@@ -52,11 +52,12 @@ def signal_bytes_per_token(tiny_assets: Path, signal: str, topk: int = 64) -> in
 
 
 def teacher_head_bytes(tiny_assets: Path) -> int:
-    """The teacher's output head over the compared vocabulary, in its dtype (fp32 on CPU)."""
+    """The teacher's output head over the compared vocabulary, in the dtype it computes in (verl's FSDP
+    mixed precision: bf16, also on CPU)."""
     from transformers import AutoTokenizer
 
     teacher = json.loads((tiny_assets / "teacher" / "config.json").read_text())
-    return len(AutoTokenizer.from_pretrained(tiny_assets / "student")) * teacher["hidden_size"] * 4
+    return len(AutoTokenizer.from_pretrained(tiny_assets / "student")) * teacher["hidden_size"] * 2
 
 
 def assert_trained_with(steps: dict[int, dict], loss_type: str, bytes_per_token: int) -> None:
@@ -91,10 +92,15 @@ def opd_run(tiny_assets, run_dir: Path, steps: int, *extra: str, save_freq: int 
 
 # --- the launcher with the recipe's own settings -------------------------------------------------------
 
+OPD_MAX_LENGTH = 77  # prompt + response tokens per row: the launcher's tiny prompts have 63-80 tokens
+
 
 @pytest.fixture(scope="module")
 def launcher_run(tiny_assets, tiny_raw_data, tmp_path_factory) -> Path:
-    """``MODEL_PATH=… TEACHER_MODEL_PATH=… PLATFORM=cpu DATA_DIR=… bash jobs/train_opd.sh``, sizes only."""
+    """``MODEL_PATH=… TEACHER_MODEL_PATH=… PLATFORM=cpu DATA_DIR=… bash jobs/train_opd.sh``, sizes only: two
+    training processes (FSDP over gloo, 4 rows each per step) and an ``OPD_MAX_LENGTH`` below some prompts,
+    so each rank drops the rows whose prompt alone reaches it (and truncates others) and the ranks keep
+    different numbers of rows."""
     output_root = tmp_path_factory.mktemp("opd_launcher")
     env = tiny_launcher_env(
         tiny_assets,
@@ -106,9 +112,14 @@ def launcher_run(tiny_assets, tiny_raw_data, tmp_path_factory) -> Path:
         TEST_FREQ="2",
         ROLLOUT_N="",  # the recipe's 1 sample per prompt
         LEARNING_RATE="",  # the recipe's learning rate
+        N_GPUS_PER_NODE="2",
+        PPO_MICRO_BATCH_SIZE_PER_GPU="1",  # a micro-batch per kept row: ranks that keep fewer rows run fewer
+        OPD_MAX_LENGTH=str(OPD_MAX_LENGTH),
     )
     log = output_root / "launcher.log"
-    assert run_launcher("train_opd.sh", env, log) == 0, log.read_text()[-4000:]
+    # verl balances token counts across ranks, which tends to leave them equal numbers of rows: off here so
+    # the ranks keep different numbers and run different numbers of micro-batches before padding
+    assert run_launcher("train_opd.sh", env, log, "trainer.balance_batch=false") == 0, log.read_text()[-4000:]
     return only_run_dir(output_root)
 
 
@@ -123,13 +134,21 @@ def test_train_opd_sh_trains_with_the_recipes_own_settings(launcher_run, tiny_as
     assert_trained_with(steps, "reverse_kl", signal_bytes_per_token(tiny_assets, "hidden"))
     head_mb = teacher_head_bytes(tiny_assets) / 2**20
     for data in steps.values():
-        assert data["opd/rows"] == 8  # 8 prompts x 1 sample
+        # 8 prompts x 1 sample on two ranks: every row either distilled or dropped, counted over both ranks
+        assert data["opd/rows"] + data["opd/rows_skipped_overlong"] == 8 and data["opd/rows"] > 0
+        assert data["opd/rows_skipped_overlong"] > 0  # prompts at or over OPD_MAX_LENGTH
+        assert math.isfinite(data["actor/grad_norm"]) and data["opd/target_tokens"] > 0
         # packed rows, the output head at target positions only; the teacher's head kept once per step
         assert data["opd/logit_rows_per_target_token"] == 1.0
         assert data["opd/teacher_head_mb"] == pytest.approx(head_mb)
-        per_token_mb = data["opd/target_tokens"] * data["opd/teacher_signal_bytes_per_token"] / 2**20
-        assert data["opd/teacher_signal_mb"] == pytest.approx(head_mb + per_token_mb)
-        assert math.isfinite(data["actor/grad_norm"]) and data["opd/target_tokens"] > 0
+        assert data["opd/teacher_signal_mb"] > head_mb  # rank 0's: the head plus its tokens' hidden states
+    uneven = [d for d in steps.values() if d["opd/micro_batches_per_rank_min"] < d["opd/micro_batches_per_rank_max"]]
+    assert uneven, "the ranks kept equal numbers of rows in every step: the uneven case was never exercised"
+    for data in uneven:  # the rank with fewer rows ran padding micro-batches up to the other's count; no hang
+        assert data["opd/micro_batches"] == data["opd/micro_batches_per_rank_max"]
+        assert data["opd/padding_micro_batches"] == 2 * data["opd/micro_batches"] - (
+            data["opd/micro_batches_per_rank_min"] + data["opd/micro_batches_per_rank_max"]
+        )
     validated = [r for r in read_metrics(launcher_run) if any(k.startswith("val-core/") for k in r["data"])]
     assert [r["step"] for r in validated] == [2]  # the recipe does not validate before training
     assert (launcher_run / "global_step_2" / "actor").is_dir()

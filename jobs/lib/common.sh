@@ -39,10 +39,13 @@ map() {
 }
 
 # PLATFORM=gpu (default) uses every GPU of the node (N_GPUS_PER_NODE overrides); PLATFORM=cpu runs verl on
-# CPU (tiny models, tests, laptops).
+# CPU (tiny models, tests, laptops) with one training process, or N_GPUS_PER_NODE of them (gloo).
 platform() {
     case "${PLATFORM:-gpu}" in
-    cpu) OVERRIDES+=("platform=cpu") ;;
+    cpu)
+        OVERRIDES+=("platform=cpu")
+        if [[ -n "${N_GPUS_PER_NODE:-}" ]]; then OVERRIDES+=("trainer.n_gpus_per_node=$N_GPUS_PER_NODE"); fi
+        ;;
     gpu)
         local gpus=${N_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}
         if [[ -z "$gpus" ]]; then gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true); fi
