@@ -92,15 +92,16 @@ def opd_run(tiny_assets, run_dir: Path, steps: int, *extra: str, save_freq: int 
 
 # --- the launcher with the recipe's own settings -------------------------------------------------------
 
-OPD_MAX_LENGTH = 77  # prompt + response tokens per row: the launcher's tiny prompts have 63-80 tokens
+OPD_MAX_LENGTH = 72  # prompt + response tokens per row: the launcher's tiny prompts have 63-80 tokens
 
 
 @pytest.fixture(scope="module")
 def launcher_run(tiny_assets, tiny_raw_data, tmp_path_factory) -> Path:
     """``MODEL_PATH=… TEACHER_MODEL_PATH=… PLATFORM=cpu DATA_DIR=… bash jobs/train_opd.sh``, sizes only: two
     training processes (FSDP over gloo, 4 rows each per step) and an ``OPD_MAX_LENGTH`` below some prompts,
-    so each rank drops the rows whose prompt alone reaches it (and truncates others) and the ranks keep
-    different numbers of rows."""
+    so each rank drops the rows whose prompt alone reaches it (and truncates others): in step 1 the ranks
+    keep different numbers of rows, in step 2 none (measured: 1 vs 2 micro-batches, then 0 and 0). A rank
+    without rows beside one with rows: tests/test_opd_multirank.py."""
     output_root = tmp_path_factory.mktemp("opd_launcher")
     env = tiny_launcher_env(
         tiny_assets,
@@ -135,20 +136,29 @@ def test_train_opd_sh_trains_with_the_recipes_own_settings(launcher_run, tiny_as
     head_mb = teacher_head_bytes(tiny_assets) / 2**20
     for data in steps.values():
         # 8 prompts x 1 sample on two ranks: every row either distilled or dropped, counted over both ranks
-        assert data["opd/rows"] + data["opd/rows_skipped_overlong"] == 8 and data["opd/rows"] > 0
+        assert data["opd/rows"] + data["opd/rows_skipped_overlong"] == 8
         assert data["opd/rows_skipped_overlong"] > 0  # prompts at or over OPD_MAX_LENGTH
-        assert math.isfinite(data["actor/grad_norm"]) and data["opd/target_tokens"] > 0
-        # packed rows, the output head at target positions only; the teacher's head kept once per step
-        assert data["opd/logit_rows_per_target_token"] == 1.0
-        assert data["opd/teacher_head_mb"] == pytest.approx(head_mb)
+        assert math.isfinite(data["actor/grad_norm"])
+        assert data["opd/teacher_head_mb"] == pytest.approx(head_mb)  # the teacher's head, kept once per step
+    trained = [d for d in steps.values() if d["opd/rows"] > 0]
+    assert trained, "every row of every step was dropped"
+    for data in trained:
+        assert data["opd/target_tokens"] > 0 and data["opd/optimizer_steps"] == 1
+        assert data["opd/logit_rows_per_target_token"] == 1.0  # packed rows, the head at target positions only
         assert data["opd/teacher_signal_mb"] > head_mb  # rank 0's: the head plus its tokens' hidden states
-    uneven = [d for d in steps.values() if d["opd/micro_batches_per_rank_min"] < d["opd/micro_batches_per_rank_max"]]
+    uneven = [d for d in trained if d["opd/micro_batches_per_rank_min"] < d["opd/micro_batches_per_rank_max"]]
     assert uneven, "the ranks kept equal numbers of rows in every step: the uneven case was never exercised"
-    for data in uneven:  # the rank with fewer rows ran padding micro-batches up to the other's count; no hang
+    for data in uneven:  # the rank with fewer rows ran padding micro-batches up to the other's count
         assert data["opd/micro_batches"] == data["opd/micro_batches_per_rank_max"]
         assert data["opd/padding_micro_batches"] == 2 * data["opd/micro_batches"] - (
             data["opd/micro_batches_per_rank_min"] + data["opd/micro_batches_per_rank_max"]
         )
+    # a step whose rows were all dropped on both ranks: one stand-in pass per rank, no optimizer step
+    empty = [d for d in steps.values() if d["opd/rows"] == 0]
+    assert empty, "no step lost all its rows: the empty case was never exercised"
+    for data in empty:
+        assert data["opd/padding_micro_batches"] == 2 and data["opd/optimizer_steps"] == 0
+        assert data["opd/optimizer_steps_skipped_empty"] == 1
     validated = [r for r in read_metrics(launcher_run) if any(k.startswith("val-core/") for k in r["data"])]
     assert [r["step"] for r in validated] == [2]  # the recipe does not validate before training
     assert (launcher_run / "global_step_2" / "actor").is_dir()
