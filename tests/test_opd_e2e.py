@@ -144,7 +144,9 @@ def test_train_opd_sh_trains_with_the_recipes_own_settings(launcher_run, tiny_as
     assert trained, "every row of every step was dropped"
     for data in trained:
         assert data["opd/target_tokens"] > 0 and data["opd/optimizer_steps"] == 1
-        assert data["opd/logit_rows_per_target_token"] == 1.0  # packed rows, the head at target positions only
+        assert (
+            data["opd/logit_rows_per_target_token"] == 1.0
+        )  # packed rows, the head at target positions only
         assert data["opd/teacher_signal_mb"] > head_mb  # rank 0's: the head plus its tokens' hidden states
     uneven = [d for d in trained if d["opd/micro_batches_per_rank_min"] < d["opd/micro_batches_per_rank_max"]]
     assert uneven, "the ranks kept equal numbers of rows in every step: the uneven case was never exercised"

@@ -105,7 +105,10 @@ def one_rank_reference(tiny_assets, case: str, mode: str) -> tuple[list, dict]:
     batch_rows = per_rank[0][0:2] + per_rank[1][0:2] + per_rank[0][2:4] + per_rank[1][2:4]
     w = [weights_of(0)[0:2] + weights_of(1)[0:2] + weights_of(0)[2:4] + weights_of(1)[2:4]][0]
     opd = opd_batch(batch_rows, w)
-    models = [AutoModelForCausalLM.from_pretrained(tiny_assets / n, dtype=torch.float32) for n in ("student", "teacher")]
+    models = [
+        AutoModelForCausalLM.from_pretrained(tiny_assets / n, dtype=torch.float32)
+        for n in ("student", "teacher")
+    ]
     settings = StepSettings(rows_per_mini_batch=4, max_tokens=16, grad_clip=1e9)
     config = OPDConfig(teacher_signal="hidden", vocab_size=VOCAB, loss_agg_mode=mode)
     return step_grads(*models, opd, config, settings, 8, lambda g: g)
@@ -117,7 +120,9 @@ def test_two_ranks_finish_and_match_the_one_rank_step(tiny_assets, tmp_path, cas
     context = multiprocessing.get_context("spawn")
     port = free_port()
     ranks = [
-        context.Process(target=rank_main, args=(r, port, case, mode, str(tiny_assets), str(tmp_path)), daemon=True)
+        context.Process(
+            target=rank_main, args=(r, port, case, mode, str(tiny_assets), str(tmp_path)), daemon=True
+        )
         for r in (0, 1)
     ]
     for process in ranks:
@@ -136,7 +141,11 @@ def test_two_ranks_finish_and_match_the_one_rank_step(tiny_assets, tmp_path, cas
     assert results[1]["kept"] == ([0, 1, 2, 3] if case == "uneven" else [])
     counts = [r["metrics"]["opd/micro_batches"] for r in results]
     assert counts[0] == counts[1]  # the same number of passes
-    assert results[0]["metrics"]["opd/padding_micro_batches"] + results[1]["metrics"]["opd/padding_micro_batches"] > 0
+    assert (
+        results[0]["metrics"]["opd/padding_micro_batches"]
+        + results[1]["metrics"]["opd/padding_micro_batches"]
+        > 0
+    )
     if case == "empty_rank":
         assert results[1]["metrics"]["opd/padding_micro_batches"] == counts[1]  # only stand-ins
 

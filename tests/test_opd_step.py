@@ -15,7 +15,9 @@ from opd.distill.packing import mini_batches, pack_rows, pad_to, split_rows
 from opd.distill.step import StepSettings, coefficients, plan_passes, run_step
 from test_opd_batch import rollout_batch
 
-PAIRS = [(signal, kind) for signal in ("logits", "hidden", "topk") for kind in ("reverse_kl", "forward_kl", "jsd")]
+PAIRS = [
+    (signal, kind) for signal in ("logits", "hidden", "topk") for kind in ("reverse_kl", "forward_kl", "jsd")
+]
 PAIRS.append(("sampled", "reverse_kl"))
 TINY_VOCAB = 438
 REAL_VOCAB = 151_936
@@ -55,7 +57,9 @@ def padded_gradient(student, teacher, opd, config: OPDConfig, micro_rows: int) -
     return gradient(student), total / int(opd.target_mask_B_L.sum())
 
 
-def step_gradient(student, teacher, opd, config: OPDConfig, settings: StepSettings) -> tuple[torch.Tensor, dict]:
+def step_gradient(
+    student, teacher, opd, config: OPDConfig, settings: StepSettings
+) -> tuple[torch.Tensor, dict]:
     """The new step's gradient (SGD with lr 0 and an unreachable clip leave it on the parameters)."""
     optimizer = torch.optim.SGD(student.parameters(), lr=0.0)
     metrics = run_step(student, teacher, optimizer, opd, config, settings)
@@ -116,7 +120,9 @@ def test_packed_step_equals_the_padded_step_at_the_real_vocabulary(tied):
     student, teacher = real_vocab_models(tied)
     opd = build_opd_batch(rollout_batch(rows(REAL_VOCAB), weights=weights(7)), pad_token_id=0)
     for signal, kind in PAIRS:
-        config = OPDConfig(loss_type=kind, teacher_signal=signal, topk=16, chunk_size=16, vocab_size=REAL_VOCAB)
+        config = OPDConfig(
+            loss_type=kind, teacher_signal=signal, topk=16, chunk_size=16, vocab_size=REAL_VOCAB
+        )
         reference, mean_div = padded_gradient(student, teacher, opd, config, micro_rows=4)
         grad, metrics = step_gradient(student, teacher, opd, config, SPLITS["tokens"])
         assert relative_error(grad, reference) <= 1e-4, (signal, kind)
@@ -134,7 +140,9 @@ def test_hidden_signal_stores_2h_bytes_per_token_and_the_head_once(tiny_models):
     assert metrics["opd/teacher_signal_bytes_per_token"] == 2 * hidden  # bf16 hidden states
     head_mb = TINY_VOCAB * hidden * 4 / 2**20  # the fp32 head, once for three micro-batches
     assert metrics["opd/teacher_head_mb"] == pytest.approx(head_mb)
-    assert metrics["opd/teacher_signal_mb"] == pytest.approx(head_mb + opd.stats["opd/target_tokens"] * 2 * hidden / 2**20)
+    assert metrics["opd/teacher_signal_mb"] == pytest.approx(
+        head_mb + opd.stats["opd/target_tokens"] * 2 * hidden / 2**20
+    )
 
 
 # --- loss aggregation -------------------------------------------------------------------------------
@@ -205,7 +213,12 @@ def test_split_by_token_budget_and_rows():
 def test_mini_batches_follow_the_rollout_index_and_padding_evens_the_passes():
     """Rows 1 (overlong) and 2 (tool-only) are dropped; mini-batches still cover rollout rows [0, 2) and
     [2, 4): the second keeps only row 3. pad_to brings both to the counts other ranks have."""
-    batch_rows = [([5], [6, 7], [1, 1]), ([5], [6] * 30, [1] * 30), ([5], [6, 7], [0, 0]), ([5], [8, 9], [1, 1])]
+    batch_rows = [
+        ([5], [6, 7], [1, 1]),
+        ([5], [6] * 30, [1] * 30),
+        ([5], [6, 7], [0, 0]),
+        ([5], [8, 9], [1, 1]),
+    ]
     opd = build_opd_batch(rollout_batch(batch_rows), pad_token_id=0, max_length=10, overlong="skip")
     assert opd.kept_rows == [0, 3]
     minis = mini_batches(opd, 4, 2, max_rows=1)
@@ -222,7 +235,11 @@ def test_mini_batches_follow_the_rollout_index_and_padding_evens_the_passes():
 
 
 ACTOR = {
-    "actor": {"ppo_micro_batch_size_per_gpu": 4, "use_dynamic_bsz": False, "ulysses_sequence_parallel_size": 1},
+    "actor": {
+        "ppo_micro_batch_size_per_gpu": 4,
+        "use_dynamic_bsz": False,
+        "ulysses_sequence_parallel_size": 1,
+    },
     "rollout": {"temperature": 1.0, "top_p": 1.0, "top_k": -1},
     "model": {"use_fused_kernels": False},
 }
@@ -233,7 +250,10 @@ ACTOR = {
     [
         ({"loss_typ": "jsd"}, "unknown opd key(s) ['loss_typ']"),
         ({"loss_type": "kl"}, "opd.loss_type=kl: choose one of"),
-        ({"loss_type": "jsd", "teacher_signal": "sampled"}, "use teacher_signal in ['logits', 'hidden', 'topk']"),
+        (
+            {"loss_type": "jsd", "teacher_signal": "sampled"},
+            "use teacher_signal in ['logits', 'hidden', 'topk']",
+        ),
         ({"loss_type": "jsd", "beta": 1.0}, "jsd needs 0 < beta < 1"),
         ({"topk": "8"}, "opd.topk='8' must be a int"),
         ({"chunk_size": 0}, "opd.chunk_size=0 must be >= 1"),
@@ -252,7 +272,11 @@ def test_config_refuses_bad_opd_values_with_the_fix(values, message):
     [
         ({"actor": {"ulysses_sequence_parallel_size": 2}}, "hidden", "ulysses_sequence_parallel_size > 1"),
         ({"model": {"use_fused_kernels": True}}, "hidden", "use_fused_kernels=true"),
-        ({"actor": {"use_dynamic_bsz": True, "ppo_max_token_len_per_gpu": None}}, "hidden", "ppo_max_token_len"),
+        (
+            {"actor": {"use_dynamic_bsz": True, "ppo_max_token_len_per_gpu": None}},
+            "hidden",
+            "ppo_max_token_len",
+        ),
         ({"actor": {"ppo_micro_batch_size_per_gpu": None}}, "hidden", "ppo_micro_batch_size_per_gpu must be"),
         ({"rollout": {"temperature": 0.6}}, "sampled", "temperature=0.6"),
         ({"rollout": {"top_p": 0.9}}, "sampled", "top_p=0.9"),

@@ -54,7 +54,9 @@ def padded_micro_batches(opd: OPDBatch, rows: int, device) -> list[PaddedMicroBa
 
 
 @torch.no_grad()
-def padded_teacher_signals(teacher, micro: list[PaddedMicroBatch], opd_config: OPDConfig) -> list[TeacherSignal]:
+def padded_teacher_signals(
+    teacher, micro: list[PaddedMicroBatch], opd_config: OPDConfig
+) -> list[TeacherSignal]:
     teacher.eval()
     head = teacher.get_output_embeddings()
     signals = []
@@ -64,20 +66,32 @@ def padded_teacher_signals(teacher, micro: list[PaddedMicroBatch], opd_config: O
         del out
         signals.append(
             TeacherSignal.from_hidden(
-                hidden_N_H, head.weight, head.bias, mode=opd_config.teacher_signal, k=opd_config.topk,
-                sampled_ids_N=mb.target_ids_N.to(hidden_N_H.device), vocab_size=opd_config.vocab_size,
-                chunk_size=opd_config.chunk_size, device="cpu",
+                hidden_N_H,
+                head.weight,
+                head.bias,
+                mode=opd_config.teacher_signal,
+                k=opd_config.topk,
+                sampled_ids_N=mb.target_ids_N.to(hidden_N_H.device),
+                vocab_size=opd_config.vocab_size,
+                chunk_size=opd_config.chunk_size,
+                device="cpu",
             )  # fmt: skip
         )
     return signals
 
 
 def padded_mini_batch_backward(
-    student, micro: list[PaddedMicroBatch], signals: list[TeacherSignal], opd_config: OPDConfig, loss_type=None
+    student,
+    micro: list[PaddedMicroBatch],
+    signals: list[TeacherSignal],
+    opd_config: OPDConfig,
+    loss_type=None,
 ) -> float:
     """Gradients of one mini-batch accumulated on ``student`` (no optimizer step); returns the token-summed
     divergence."""
-    total_weight = sum(float(mb.weight_N.sum()) if mb.weight_N is not None else len(mb.target_ids_N) for mb in micro)
+    total_weight = sum(
+        float(mb.weight_N.sum()) if mb.weight_N is not None else len(mb.target_ids_N) for mb in micro
+    )
     total_div = 0.0
     for mb, signal in zip(micro, signals, strict=True):
         logits_N_V = mb.select(mb.forward(student, logits_to_keep=mb.keep).logits)

@@ -171,7 +171,9 @@ def run_signals(args) -> dict:
     out = {}
     for signal in SIGNALS:
         loss_type = "reverse_kl"
-        config = OPDConfig(loss_type=loss_type, teacher_signal=signal, chunk_size=args.chunk_size, vocab_size=VOCAB)
+        config = OPDConfig(
+            loss_type=loss_type, teacher_signal=signal, chunk_size=args.chunk_size, vocab_size=VOCAB
+        )
         plan = plan_passes(opd, len(opd), settings, config, device=device)
         teacher_out = teacher_phase(teacher, plan, config, device)
         per_token, head = teacher_out.nbytes()
@@ -218,7 +220,9 @@ def parse(argv):
     parser.add_argument("--signal", default="hidden", choices=SIGNALS, help="the signal of the timed step")
     parser.add_argument("--chunk-size", type=int, default=256, help="the opd recipe's")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--dtype", default=None, help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument(
+        "--dtype", default=None, help="model dtype (default: float32 on CPU, bfloat16 on CUDA)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/step.json"))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -267,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'signal':10}{'bytes/token':>14}{'head (once)':>14}{'padded: head copies':>22}")
     for signal in SIGNALS:
         s = results["signals"][signal]
-        print(f"{signal:10}{s['bytes_per_token']:>14,.0f}{_gib(s['head_bytes']):>14}{_gib(s['padded_head_bytes']):>22}")
+        print(
+            f"{signal:10}{s['bytes_per_token']:>14,.0f}{_gib(s['head_bytes']):>14}{_gib(s['padded_head_bytes']):>22}"
+        )
     memory_ratio = new["student_peak_bytes"] / old["student_peak_bytes"]
     checks = {
         "logit rows per target token = 1.00": new["logit_rows_per_target_token"] == 1.0,

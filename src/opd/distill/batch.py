@@ -20,7 +20,6 @@ from opd.distill.config import OVERLONG_POLICIES
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass
 class OPDBatch:
     """Right-padded rows ``prompt + response``; ``target_mask_B_L[b, t]`` marks tokens to be predicted
@@ -90,7 +89,13 @@ def _row_lists_from_raw_prompt(batch, tokenizer, chat_template_kwargs: dict | No
 
 
 def _assemble(
-    batch, rows, max_length: int | None, overlong: str, pad_token_id: int, source: str, allow_empty: bool = False
+    batch,
+    rows,
+    max_length: int | None,
+    overlong: str,
+    pad_token_id: int,
+    source: str,
+    allow_empty: bool = False,
 ) -> OPDBatch:
     if overlong not in OVERLONG_POLICIES:
         raise ValueError(f"overlong={overlong!r}: choose one of {OVERLONG_POLICIES}")

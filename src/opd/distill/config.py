@@ -67,7 +67,9 @@ class OPDConfig:
             if getattr(self, name) < low:
                 raise OPDConfigError(f"opd.{name}={getattr(self, name)} must be >= {low}")
         if self.vocab_size is not None and self.vocab_size < 1:
-            raise OPDConfigError(f"opd.vocab_size={self.vocab_size} must be positive (or null: filled at start)")
+            raise OPDConfigError(
+                f"opd.vocab_size={self.vocab_size} must be positive (or null: filled at start)"
+            )
         if self.teacher_signal == "topk" and self.vocab_size is not None and self.topk > self.vocab_size:
             raise OPDConfigError(f"opd.topk={self.topk} exceeds the vocabulary ({self.vocab_size} tokens)")
 
@@ -90,7 +92,11 @@ class OPDConfig:
 
 def check_trainer(opd: OPDConfig, actor_rollout_ref: Mapping[str, Any]) -> None:
     """The verl settings of ``actor_rollout_ref`` that the OPD step reads or cannot honour yet."""
-    actor, rollout, model = actor_rollout_ref["actor"], actor_rollout_ref["rollout"], actor_rollout_ref["model"]
+    actor, rollout, model = (
+        actor_rollout_ref["actor"],
+        actor_rollout_ref["rollout"],
+        actor_rollout_ref["model"],
+    )
     if int(actor.get("ulysses_sequence_parallel_size", 1) or 1) > 1:
         raise OPDConfigError(
             "actor_rollout_ref.actor.ulysses_sequence_parallel_size > 1: the OPD step does not split sequences "

@@ -118,7 +118,9 @@ class _HeadDivergenceFn(torch.autograd.Function):
             if factor_N is not None:
                 selected_N = factor_N.detach().to(device, torch.float32)
                 if selected_N.shape != (n,):
-                    raise ValueError(f"the token selector returned shape {tuple(selected_N.shape)}, not ({n},)")
+                    raise ValueError(
+                        f"the token selector returned shape {tuple(selected_N.shape)}, not ({n},)"
+                    )
                 coef_N = coef_N * selected_N
             rows_N = coef_N.nonzero().flatten() if spec.need_grad else rows_N[:0]
         grads = None

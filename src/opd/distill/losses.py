@@ -62,7 +62,9 @@ REDUCTIONS = ("token_mean", "seq_mean_token_mean", "sum")
 # CPU blocking (measured on 2 cores at V=151,936): a work item is a few rows handed to a worker thread; each
 # row is then processed on its own (~0.6 MB per fp32 row buffer, so a row's buffers stay in L2).
 _CPU_ITEM_ROWS = 8
-_CPU_HIDDEN_ITEM_ROWS = 32  # hidden mode: a worker multiplies this many rows by the teacher head at once (32 x V fp32 = 19 MB)
+_CPU_HIDDEN_ITEM_ROWS = (
+    32  # hidden mode: a worker multiplies this many rows by the teacher head at once (32 x V fp32 = 19 MB)
+)
 _CPU_ROWS = 1
 
 

@@ -95,7 +95,9 @@ def padding_micro_batch(pad_token_id: int = 0) -> PackedMicroBatch:
     )
 
 
-def split_rows(lengths: list[int], *, max_tokens: int | None = None, max_rows: int | None = None) -> list[list[int]]:
+def split_rows(
+    lengths: list[int], *, max_tokens: int | None = None, max_rows: int | None = None
+) -> list[list[int]]:
     """Consecutive groups of row positions: each within ``max_tokens`` tokens (a longer row goes alone) and
     ``max_rows`` rows. Exactly one limit must be given."""
     if (max_tokens is None) == (max_rows is None):
@@ -104,8 +106,10 @@ def split_rows(lengths: list[int], *, max_tokens: int | None = None, max_rows: i
     tokens = 0
     for i, length in enumerate(lengths):
         full = (
-            tokens + length > max_tokens if max_tokens is not None else len(groups[-1]) >= max_rows
-        ) if groups else True
+            (tokens + length > max_tokens if max_tokens is not None else len(groups[-1]) >= max_rows)
+            if groups
+            else True
+        )
         if full:
             groups.append([])
             tokens = 0
@@ -134,7 +138,9 @@ def mini_batches(
     lengths_B = opd.attention_mask_B_L.sum(-1).tolist()
     result = []
     for rows in members:
-        groups = split_rows([lengths_B[r] for r in rows], max_tokens=max_tokens, max_rows=max_rows) if rows else []
+        groups = (
+            split_rows([lengths_B[r] for r in rows], max_tokens=max_tokens, max_rows=max_rows) if rows else []
+        )
         result.append([pack_rows(opd, [rows[i] for i in group]) for group in groups])
     return result
 

@@ -110,14 +110,20 @@ def plan_passes(
     """Pack ``opd``'s rows (``batch_rows``: the rollout rows this rank was given, before any was dropped)."""
     collectives = collectives or Collectives()
     minis = mini_batches(
-        opd, batch_rows, settings.rows_per_mini_batch, max_tokens=settings.max_tokens, max_rows=settings.max_rows
+        opd,
+        batch_rows,
+        settings.rows_per_mini_batch,
+        max_tokens=settings.max_tokens,
+        max_rows=settings.max_rows,
     )
     local_counts = [float(len(micro)) for micro in minis]
     weights_B, targets_B = _row_weights(opd), _targets_per_row(opd)
     local_norm = []
     for micro in minis:
         rows = torch.cat([mb.rows_R for mb in micro]) if micro else torch.zeros(0, dtype=torch.long)
-        per_row = weights_B[rows] * targets_B[rows] if opd_config.loss_agg_mode == "token-mean" else weights_B[rows]
+        per_row = (
+            weights_B[rows] * targets_B[rows] if opd_config.loss_agg_mode == "token-mean" else weights_B[rows]
+        )
         local_norm.append(float(per_row.sum()))
     counts = collectives.all_reduce(local_counts, "max", device)
     normaliser = collectives.all_reduce(local_norm, "sum", device)
@@ -125,7 +131,9 @@ def plan_passes(
     pad_to(minis, [int(c) for c in counts], pad_token_id)
     flat = [mb for micro in minis for mb in micro]
     # over all ranks: sums, and the spread of the micro-batch counts before padding evened them
-    padding, packed, logit_rows, targets, fewest_neg, most = _plan_sums(flat, local_micro, collectives, device)
+    padding, packed, logit_rows, targets, fewest_neg, most = _plan_sums(
+        flat, local_micro, collectives, device
+    )
     stats = {
         "opd/micro_batches": float(len(flat)),  # per rank, padding included: the same on every rank
         "opd/padding_micro_batches": padding,  # all ranks
@@ -138,7 +146,9 @@ def plan_passes(
     return StepPlan(minis, normaliser, stats)
 
 
-def _plan_sums(flat: list[PackedMicroBatch], local_micro: float, collectives: Collectives, device) -> list[float]:
+def _plan_sums(
+    flat: list[PackedMicroBatch], local_micro: float, collectives: Collectives, device
+) -> list[float]:
     sums = collectives.all_reduce(
         [
             float(sum(mb.padding for mb in flat)),
@@ -153,7 +163,9 @@ def _plan_sums(flat: list[PackedMicroBatch], local_micro: float, collectives: Co
     return [*sums, fewest_neg, most]
 
 
-def global_stats(stats: dict[str, float], collectives: Collectives, device, maxima: tuple[str, ...] = ()) -> dict:
+def global_stats(
+    stats: dict[str, float], collectives: Collectives, device, maxima: tuple[str, ...] = ()
+) -> dict:
     """Per-rank counts summed over ranks (``maxima``: the maximum instead): verl logs rank 0's metrics."""
     keys = sorted(stats)
     summed = collectives.all_reduce([stats[k] for k in keys if k not in maxima], "sum", device)
@@ -206,7 +218,9 @@ class TeacherOutput:
     def nbytes(self) -> tuple[int, int]:
         """(bytes of the per-token tensors, bytes of the head kept once)."""
         per_token = sum(s.nbytes_per_token() * s.num_tokens for micro in self.signals for s in micro)
-        head = sum(t.numel() * t.element_size() for t in (self.head_weight_V_H, self.head_bias_V) if t is not None)
+        head = sum(
+            t.numel() * t.element_size() for t in (self.head_weight_V_H, self.head_bias_V) if t is not None
+        )
         return per_token, head
 
 
@@ -341,8 +355,10 @@ def _micro_step(student, mb, signal, opd, opd_config, normaliser, collectives, l
     coef_N = coefficients(mb, opd, normaliser, opd_config, collectives.loss_scale).to(device)
     select = None
     if select_tokens is not None and not mb.padding:
+
         def select(div_N, entropy_N):
             return select_tokens(div_N, entropy_N, mb, step)
+
     result = {}
 
     def fused(head, hidden_1_N_H):
@@ -389,8 +405,18 @@ def run_step(
     metrics.update(signal_metrics(teacher_out))
     with measure("student", metrics, device):
         metrics.update(
-            student_phase(student, optimizer, plan, teacher_out, opd, opd_config, settings, device,
-                          collectives=collectives, **student_kwargs)  # fmt: skip
+            student_phase(
+                student,
+                optimizer,
+                plan,
+                teacher_out,
+                opd,
+                opd_config,
+                settings,
+                device,
+                collectives=collectives,
+                **student_kwargs,
+            )  # fmt: skip
         )
     return metrics
 

@@ -100,9 +100,19 @@ class OPDActorRolloutRefWorker(AsyncActorRolloutRefWorker):
                 load_fsdp_optimizer(optimizer=self.actor_optimizer, device_id=device)
             metrics.update(
                 student_phase(
-                    self.actor_module_fsdp, self.actor_optimizer, plan, teacher_out, opd, opd_config, settings,
-                    device, loss_type=self.divergence_at(step, opd_config), step=step, collectives=collectives,
-                    clip_and_step=self._clip_and_step, select_tokens=self.select_tokens,
+                    self.actor_module_fsdp,
+                    self.actor_optimizer,
+                    plan,
+                    teacher_out,
+                    opd,
+                    opd_config,
+                    settings,
+                    device,
+                    loss_type=self.divergence_at(step, opd_config),
+                    step=step,
+                    collectives=collectives,
+                    clip_and_step=self._clip_and_step,
+                    select_tokens=self.select_tokens,
                 )  # fmt: skip
             )
             lr = self.actor_lr_scheduler.get_last_lr()[0]
