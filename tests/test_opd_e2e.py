@@ -183,6 +183,8 @@ def weighted_run(tiny_assets, tmp_path_factory) -> tuple[Path, dict[int, dict]]:
         "actor_rollout_ref.actor.ppo_mini_batch_size=4",  # 4 prompts x 2 responses per optimizer step
         "actor_rollout_ref.actor.ppo_epochs=2",
         "actor_rollout_ref.actor.optim.lr=1e-3",
+        # rewards that are mixed in every batch (tests/rewards/by_length.py says why)
+        f"reward.custom_reward_function.path={Path(__file__).parent / 'rewards' / 'by_length.py'}",
         save_freq=2,
     )
     return run_dir, steps
