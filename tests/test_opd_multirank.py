@@ -42,8 +42,13 @@ def rank_rows(rank: int, case: str) -> list:
 
 
 def opd_batch(batch_rows, sample_weights):
-    return build_opd_batch(rollout_batch(batch_rows, weights=sample_weights), pad_token_id=0, max_length=24,
-                           overlong="skip", allow_empty=True)  # fmt: skip
+    return build_opd_batch(
+        rollout_batch(batch_rows, weights=sample_weights),
+        pad_token_id=0,
+        max_length=24,
+        overlong="skip",
+        allow_empty=True,
+    )
 
 
 def weights_of(rank: int) -> list[float]:
@@ -60,8 +65,9 @@ def step_grads(student, teacher, opd, config, settings, batch_rows: int, full) -
         optimizer.step()
         return 0.0
 
-    metrics = run_step(student, teacher, optimizer, opd, config, settings, batch_rows=batch_rows,
-                       clip_and_step=clip_and_step)  # fmt: skip
+    metrics = run_step(
+        student, teacher, optimizer, opd, config, settings, batch_rows=batch_rows, clip_and_step=clip_and_step
+    )
     return grads, metrics
 
 

@@ -107,9 +107,16 @@ def real_vocab_models(tied_student: bool):
     def build(width, tied, seed):
         torch.manual_seed(seed)
         config = Qwen2Config(
-            vocab_size=width, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-            num_key_value_heads=2, tie_word_embeddings=tied, attn_implementation="sdpa", initializer_range=0.3,
-        )  # fmt: skip
+            vocab_size=width,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=tied,
+            attn_implementation="sdpa",
+            initializer_range=0.3,
+        )
         return Qwen2ForCausalLM(config).float()
 
     return build(REAL_VOCAB, tied_student, 1), build(152_064, False, 2)
@@ -161,15 +168,22 @@ def test_loss_aggregation_weights_tokens_or_samples(tiny_models, mode):
     rows_N = torch.cat([mb.token_row_N for mb in plan.minis[0]])
     lengths = opd.target_mask_B_L.sum(-1)
     for row in range(7):
-        expected = w[row] / sum(w[r] * int(lengths[r]) for r in range(7)) if mode == "token-mean" else (
-            w[row] / int(lengths[row]) / sum(w)
-        )  # fmt: skip
+        expected = (
+            w[row] / sum(w[r] * int(lengths[r]) for r in range(7))
+            if mode == "token-mean"
+            else (w[row] / int(lengths[row]) / sum(w))
+        )
         assert torch.allclose(coef_N[rows_N == row], torch.tensor(expected), rtol=1e-6)
     assert float(coef_N.sum()) == pytest.approx(1.0)  # either way a weighted mean
     grads = {}
     for m in ("token-mean", "seq-mean-token-mean"):
-        grads[m], _ = step_gradient(student, teacher, opd, OPDConfig(teacher_signal="logits", vocab_size=TINY_VOCAB,
-                                                                   loss_agg_mode=m), settings)  # fmt: skip
+        grads[m], _ = step_gradient(
+            student,
+            teacher,
+            opd,
+            OPDConfig(teacher_signal="logits", vocab_size=TINY_VOCAB, loss_agg_mode=m),
+            settings,
+        )
     assert relative_error(grads["token-mean"], grads["seq-mean-token-mean"]) > 1e-2  # they differ
 
 
@@ -226,8 +240,9 @@ def test_mini_batches_follow_the_rollout_index_and_padding_evens_the_passes():
     pad_to(minis, [3, 1])
     assert [len(micro) for micro in minis] == [3, 1]
     assert [mb.padding for mb in minis[0]] == [False, True, True] and minis[0][1].num_targets == 0
-    empty = build_opd_batch(rollout_batch(batch_rows[1:3]), pad_token_id=0, max_length=10, overlong="skip",
-                            allow_empty=True)  # fmt: skip
+    empty = build_opd_batch(
+        rollout_batch(batch_rows[1:3]), pad_token_id=0, max_length=10, overlong="skip", allow_empty=True
+    )
     assert len(empty) == 0 and mini_batches(empty, 2, 2, max_rows=1) == [[]]
 
 

@@ -27,7 +27,6 @@ import gc
 import json
 import math
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from opd.bench import run_child
 from opd.distill.losses import DIVERGENCES, reduce_divergence, token_divergence
 from opd.distill.teacher_signal import TeacherSignal
 
@@ -236,11 +236,7 @@ def run_one(
 
 
 def _in_fresh_process(config: dict) -> dict:
-    cmd = [sys.executable, "-m", "opd.bench.loss", "--child", json.dumps(config)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark child failed ({config}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child("opd.bench.loss", ["--child", json.dumps(config)])
 
 
 def _gib(b: float) -> str:

@@ -36,8 +36,13 @@ class PaddedMicroBatch:
         self.offset_N = self.target_pos_N - 1 - (width - self.keep)
 
     def forward(self, module, **kwargs):
-        return module(input_ids=self.input_ids, attention_mask=self.attention_mask,
-                      position_ids=self.position_ids, use_cache=False, **kwargs)  # fmt: skip
+        return module(
+            input_ids=self.input_ids,
+            attention_mask=self.attention_mask,
+            position_ids=self.position_ids,
+            use_cache=False,
+            **kwargs,
+        )
 
     def select(self, per_position_B_T_X: torch.Tensor) -> torch.Tensor:
         """(B, keep, X) -> (N, X) at the positions that predict the target tokens."""
@@ -75,7 +80,7 @@ def padded_teacher_signals(
                 vocab_size=opd_config.vocab_size,
                 chunk_size=opd_config.chunk_size,
                 device="cpu",
-            )  # fmt: skip
+            )
         )
     return signals
 
@@ -96,9 +101,14 @@ def padded_mini_batch_backward(
     for mb, signal in zip(micro, signals, strict=True):
         logits_N_V = mb.select(mb.forward(student, logits_to_keep=mb.keep).logits)
         div_N, _ = token_divergence(
-            logits_N_V, signal.to(logits_N_V.device), loss_type or opd_config.loss_type, beta=opd_config.beta,
-            chunk_size=opd_config.chunk_size, vocab_size=opd_config.vocab_size, overwrite_logits=True,
-        )  # fmt: skip
+            logits_N_V,
+            signal.to(logits_N_V.device),
+            loss_type or opd_config.loss_type,
+            beta=opd_config.beta,
+            chunk_size=opd_config.chunk_size,
+            vocab_size=opd_config.vocab_size,
+            overwrite_logits=True,
+        )
         weight_N = None if mb.weight_N is None else mb.weight_N.to(div_N.device)
         loss = reduce_divergence(div_N, weight_N=weight_N, mode="sum") / max(total_weight, 1e-12)
         loss.backward()

@@ -27,13 +27,13 @@ import argparse
 import gc
 import json
 import math
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from opd.bench import run_child
 from opd.bench.loss import PeakMemory
 from opd.bench.padded import padded_micro_batches, padded_mini_batch_backward, padded_teacher_signals
 from opd.distill.batch import OPDBatch
@@ -59,11 +59,17 @@ def build_models(args, device, dtype):
     def build(width, hidden, tied, seed):
         torch.manual_seed(seed)
         config = Qwen2Config(
-            vocab_size=width, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=args.layers,
-            num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256),
-            tie_word_embeddings=tied, attn_implementation="sdpa", initializer_range=0.05,
+            vocab_size=width,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=args.layers,
+            num_attention_heads=hidden // 64,
+            num_key_value_heads=max(1, hidden // 256),
+            tie_word_embeddings=tied,
+            attn_implementation="sdpa",
+            initializer_range=0.05,
             max_position_embeddings=32_768,
-        )  # fmt: skip
+        )
         return Qwen2ForCausalLM(config).to(device, dtype)
 
     return build(VOCAB, args.student_hidden, True, 1), build(TEACHER_WIDTH, args.teacher_hidden, False, 2)
@@ -96,8 +102,17 @@ def opd_batch(lengths: list[tuple[int, int]], seed: int) -> OPDBatch:
         target[i, p : p + r] = True
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     prompts = torch.tensor([p for p, _ in lengths])
-    return OPDBatch(input_ids, attention, positions, target, prompts, list(range(n)), None, None,
-                    {"opd/target_tokens": float(target.sum())})  # fmt: skip
+    return OPDBatch(
+        input_ids,
+        attention,
+        positions,
+        target,
+        prompts,
+        list(range(n)),
+        None,
+        None,
+        {"opd/target_tokens": float(target.sum())},
+    )
 
 
 def run_path(args, path: str) -> dict:
@@ -106,8 +121,9 @@ def run_path(args, path: str) -> dict:
     dtype = getattr(torch, args.dtype)
     student, teacher = build_models(args, device, dtype)
     opd = opd_batch(row_lengths(args), args.seed)
-    config = OPDConfig(loss_type=args.loss_type, teacher_signal=args.signal, chunk_size=args.chunk_size,
-                       vocab_size=VOCAB)  # fmt: skip
+    config = OPDConfig(
+        loss_type=args.loss_type, teacher_signal=args.signal, chunk_size=args.chunk_size, vocab_size=VOCAB
+    )
     settings = StepSettings(rows_per_mini_batch=args.rows, max_rows=args.micro_rows, grad_clip=1.0)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6)
     n_targets = int(opd.target_mask_B_L.sum())
@@ -195,14 +211,6 @@ def run_signals(args) -> dict:
     return out
 
 
-def _child(argv: list[str], what: str) -> dict:
-    cmd = [sys.executable, "-m", "opd.bench.step", *argv, "--child", what]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark child {what} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def _gib(b: float) -> str:
     return f"{b / 2**30:.2f} GiB"
 
@@ -253,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for what in ("packed", "padded", "signals"):
         start = time.perf_counter()
-        results[what] = _child(argv, what)
+        results[what] = run_child("opd.bench.step", [*argv, "--child", what])
         print(f"  {what}: {time.perf_counter() - start:.0f} s", flush=True)
     new, old = results["packed"], results["padded"]
     print(f"\n{'':32}{'new (packed, fused)':>22}{'padded':>14}{'new/padded':>12}")
@@ -286,8 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     for text, ok in checks.items():
         print(f"[{'ok' if ok else 'FAIL'}] {text}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"args": {k: v for k, v in vars(args).items() if k != "out" and k != "child"}, "lengths": lengths,
-              "results": results, "checks": checks}  # fmt: skip
+    report = {
+        "args": {k: v for k, v in vars(args).items() if k != "out" and k != "child"},
+        "lengths": lengths,
+        "results": results,
+        "checks": checks,
+    }
     args.out.write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {args.out}")
     return 0 if all(checks.values()) else 1

@@ -167,8 +167,16 @@ def _chunk(spec: _Spec, hidden_N_H, head_V_H, bias_V, idx, div_N, entropy_N, gra
     hidden_c_H = hidden_N_H[idx]
     logits_c_V = F.linear(hidden_c_H, head_V_H, bias_V)  # the head's dtype, like the model's own head
     need_grad = grad_into is not None
-    plan = _plan(logits_c_V, spec.teacher.slice(idx), spec.kind, spec.beta, logits_c_V.shape[0] or 1, None,
-                 spec.vocab, overwrite=False)  # fmt: skip
+    plan = _plan(
+        logits_c_V,
+        spec.teacher.slice(idx),
+        spec.kind,
+        spec.beta,
+        logits_c_V.shape[0] or 1,
+        None,
+        spec.vocab,
+        overwrite=False,
+    )
     plan.need_grad, plan.overwrite = need_grad, need_grad  # the chunk's logits are ours: reuse their storage
     div_c, entropy_c, grad_c_V, row_scale_c = _compute(plan, need_grad)
     div_N[idx], entropy_N[idx] = div_c.float(), entropy_c.float()

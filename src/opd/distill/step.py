@@ -189,8 +189,8 @@ def coefficients(
 
 @contextmanager
 def measure(name: str, metrics: dict, device):
-    """Wall time and peak memory of a phase: device peak on GPU, resident set on CPU (its peak since the
-    process began where the kernel reports it, ru_maxrss; the phase's own growth otherwise)."""
+    """Wall time and memory of a phase: the device's peak on GPU, the growth of the resident set on CPU
+    (``python -m opd.bench.step`` measures the CPU peak itself)."""
     on_gpu = torch.device(device).type == "cuda"
     if on_gpu:
         torch.cuda.synchronize(device)
@@ -276,8 +276,9 @@ def _on_device(signal: TeacherSignal, head_weight, head_bias, device) -> Teacher
     """The micro-batch's signal on the device; a ``hidden`` signal points at the head uploaded once."""
     if signal.mode != "hidden":
         return signal.to(device)
-    return TeacherSignal("hidden", hidden_N_H=signal.hidden_N_H.to(device), head_weight_V_H=head_weight,
-                         head_bias_V=head_bias)  # fmt: skip
+    return TeacherSignal(
+        "hidden", hidden_N_H=signal.hidden_N_H.to(device), head_weight_V_H=head_weight, head_bias_V=head_bias
+    )
 
 
 def default_clip_and_step(module: torch.nn.Module, optimizer, max_norm: float) -> float:
@@ -321,16 +322,29 @@ def student_phase(
         for m, micro in enumerate(plan.minis):
             optimizer.zero_grad()
             for mb, signal in zip(micro, teacher_out.signals[m], strict=True):
-                _micro_step(student, mb, _on_device(signal, head_weight, head_bias, device), opd, opd_config,
-                            plan.normaliser_M[m], collectives, loss_type, step, select_tokens, totals, device)  # fmt: skip
+                _micro_step(
+                    student,
+                    mb,
+                    _on_device(signal, head_weight, head_bias, device),
+                    opd,
+                    opd_config,
+                    plan.normaliser_M[m],
+                    collectives,
+                    loss_type,
+                    step,
+                    select_tokens,
+                    totals,
+                    device,
+                )
             if plan.normaliser_M[m] == 0:  # no target token on any rank: nothing to learn, no step
                 skipped += 1
                 continue
             grad_norms.append(clip_and_step())
         epoch_sums += [totals["div"] - div_before, totals["tokens"] - tokens_before]
     # token means over all ranks (verl logs rank 0's metrics)
-    entropy, kept, *epoch_sums = collectives.all_reduce([totals["entropy"], totals["kept"], *epoch_sums], "sum",
-                                                        device)  # fmt: skip
+    entropy, kept, *epoch_sums = collectives.all_reduce(
+        [totals["entropy"], totals["kept"], *epoch_sums], "sum", device
+    )
     epoch_divergence = [d / max(n, 1) for d, n in zip(epoch_sums[::2], epoch_sums[1::2], strict=True)]
     n_tokens = max(sum(epoch_sums[1::2]), 1)
     divergence = sum(epoch_sums[::2]) / n_tokens
@@ -350,8 +364,20 @@ def student_phase(
     }
 
 
-def _micro_step(student, mb, signal, opd, opd_config, normaliser, collectives, loss_type, step, select_tokens,
-                totals, device) -> None:  # fmt: skip
+def _micro_step(
+    student,
+    mb,
+    signal,
+    opd,
+    opd_config,
+    normaliser,
+    collectives,
+    loss_type,
+    step,
+    select_tokens,
+    totals,
+    device,
+) -> None:
     coef_N = coefficients(mb, opd, normaliser, opd_config, collectives.loss_scale).to(device)
     select = None
     if select_tokens is not None and not mb.padding:
@@ -363,9 +389,17 @@ def _micro_step(student, mb, signal, opd, opd_config, normaliser, collectives, l
 
     def fused(head, hidden_1_N_H):
         result["r"] = head_divergence(
-            hidden_1_N_H[0], head.weight, head.bias, signal, loss_type, coef_N=coef_N, select=select,
-            beta=opd_config.beta, chunk_size=opd_config.chunk_size, vocab_size=opd_config.vocab_size,
-        )  # fmt: skip
+            hidden_1_N_H[0],
+            head.weight,
+            head.bias,
+            signal,
+            loss_type,
+            coef_N=coef_N,
+            select=select,
+            beta=opd_config.beta,
+            chunk_size=opd_config.chunk_size,
+            vocab_size=opd_config.vocab_size,
+        )
         return result["r"].loss
 
     with output_head_replaced(student, fused):
@@ -397,8 +431,9 @@ def run_step(
     between the phases itself). Returns the step's metrics."""
     collectives = collectives or Collectives()
     metrics = dict(opd.stats)
-    plan = plan_passes(opd, batch_rows if batch_rows is not None else len(opd), settings, opd_config, collectives,
-                       device)  # fmt: skip
+    plan = plan_passes(
+        opd, batch_rows if batch_rows is not None else len(opd), settings, opd_config, collectives, device
+    )
     metrics.update(plan.stats)
     with measure("teacher", metrics, device):
         teacher_out = teacher_phase(teacher, plan, opd_config, device)
@@ -416,7 +451,7 @@ def run_step(
                 device,
                 collectives=collectives,
                 **student_kwargs,
-            )  # fmt: skip
+            )
         )
     return metrics
 

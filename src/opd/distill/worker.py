@@ -84,8 +84,15 @@ class OPDActorRolloutRefWorker(AsyncActorRolloutRefWorker):
         collectives = Collectives()
         maxima = ("opd/padded_width", "opd/prompt_source_raw")
         metrics.update(global_stats(opd.stats, collectives, device, maxima))  # rows etc. of all ranks
-        plan = plan_passes(opd, len(data), settings, opd_config, collectives, device,
-                           pad_token_id=self.tokenizer.pad_token_id or 0)  # fmt: skip
+        plan = plan_passes(
+            opd,
+            len(data),
+            settings,
+            opd_config,
+            collectives,
+            device,
+            pad_token_id=self.tokenizer.pad_token_id or 0,
+        )
         metrics.update(plan.stats)
 
         with measure("teacher", metrics, device):
@@ -113,7 +120,7 @@ class OPDActorRolloutRefWorker(AsyncActorRolloutRefWorker):
                     collectives=collectives,
                     clip_and_step=self._clip_and_step,
                     select_tokens=self.select_tokens,
-                )  # fmt: skip
+                )
             )
             lr = self.actor_lr_scheduler.get_last_lr()[0]
             self.actor_lr_scheduler.step()
