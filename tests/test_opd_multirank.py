@@ -109,7 +109,7 @@ def one_rank_reference(tiny_assets, case: str, mode: str) -> tuple[list, dict]:
 
     per_rank = [rank_rows(r, case) for r in (0, 1)]
     batch_rows = per_rank[0][0:2] + per_rank[1][0:2] + per_rank[0][2:4] + per_rank[1][2:4]
-    w = [weights_of(0)[0:2] + weights_of(1)[0:2] + weights_of(0)[2:4] + weights_of(1)[2:4]][0]
+    w = weights_of(0)[0:2] + weights_of(1)[0:2] + weights_of(0)[2:4] + weights_of(1)[2:4]
     opd = opd_batch(batch_rows, w)
     models = [
         AutoModelForCausalLM.from_pretrained(tiny_assets / n, dtype=torch.float32)

@@ -29,6 +29,7 @@ import json
 import math
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -157,24 +158,20 @@ def run_path(args, path: str) -> dict:
     return result
 
 
-class _phase:
-    def __init__(self, phases: dict, name: str, device, measure: bool):
-        self.phases, self.name, self.device, self.measure = phases, name, device, measure
-
-    def __enter__(self):
-        if self.measure:
-            gc.collect()
-            self.mem = PeakMemory(self.device).__enter__()
-            self.start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        if self.measure and exc[0] is None:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - self.start
-            self.mem.__exit__(None, None, None)
-            self.phases[f"{self.name}_s"] = seconds
-            self.phases[f"{self.name}_peak_bytes"] = self.mem.peak_bytes
+@contextmanager
+def _phase(phases: dict, name: str, device, measure: bool):
+    """Time and peak memory of a phase into ``phases`` (only when ``measure``)."""
+    if not measure:
+        yield
+        return
+    gc.collect()
+    with PeakMemory(device) as mem:
+        start = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        phases[f"{name}_s"] = time.perf_counter() - start
+    phases[f"{name}_peak_bytes"] = mem.peak_bytes
 
 
 def run_signals(args) -> dict:

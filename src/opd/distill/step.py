@@ -28,9 +28,10 @@ gradients.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import psutil
@@ -38,7 +39,7 @@ import torch
 
 from opd.distill.batch import OPDBatch
 from opd.distill.config import OPDConfig
-from opd.distill.head import head_divergence, output_head_replaced
+from opd.distill.head import HeadDivergence, head_divergence, output_head_replaced
 from opd.distill.packing import PackedMicroBatch, mini_batches, pad_to
 from opd.distill.teacher_signal import TeacherSignal
 
@@ -117,22 +118,32 @@ def plan_passes(
         max_rows=settings.max_rows,
     )
     local_counts = [float(len(micro)) for micro in minis]
+    local_micro = sum(local_counts)
+    # one max-reduce: the micro-batch count of every mini-batch, and the spread of the ranks' totals
+    *counts, fewest_neg, most = collectives.all_reduce(
+        [*local_counts, -local_micro, local_micro], "max", device
+    )
+    pad_to(minis, [int(c) for c in counts], pad_token_id)
+    flat = [mb for micro in minis for mb in micro]
     weights_B, targets_B = _row_weights(opd), _targets_per_row(opd)
     local_norm = []
     for micro in minis:
-        rows = torch.cat([mb.rows_R for mb in micro]) if micro else torch.zeros(0, dtype=torch.long)
+        rows = torch.cat([mb.rows_R for mb in micro])
         per_row = (
             weights_B[rows] * targets_B[rows] if opd_config.loss_agg_mode == "token-mean" else weights_B[rows]
         )
         local_norm.append(float(per_row.sum()))
-    counts = collectives.all_reduce(local_counts, "max", device)
-    normaliser = collectives.all_reduce(local_norm, "sum", device)
-    local_micro = sum(local_counts)
-    pad_to(minis, [int(c) for c in counts], pad_token_id)
-    flat = [mb for micro in minis for mb in micro]
-    # over all ranks: sums, and the spread of the micro-batch counts before padding evened them
-    padding, packed, logit_rows, targets, fewest_neg, most = _plan_sums(
-        flat, local_micro, collectives, device
+    # one sum-reduce: each mini-batch's normaliser, and the step's counts over all ranks
+    *normaliser, padding, packed, logit_rows, targets = collectives.all_reduce(
+        [
+            *local_norm,
+            float(sum(mb.padding for mb in flat)),
+            float(sum(mb.num_tokens for mb in flat if not mb.padding)),
+            float(sum(len(mb.target_index_N) for mb in flat if not mb.padding)),
+            float(sum(mb.num_targets for mb in flat)),
+        ],
+        "sum",
+        device,
     )
     stats = {
         "opd/micro_batches": float(len(flat)),  # per rank, padding included: the same on every rank
@@ -144,23 +155,6 @@ def plan_passes(
         "opd/micro_batches_per_rank_max": most,
     }
     return StepPlan(minis, normaliser, stats)
-
-
-def _plan_sums(
-    flat: list[PackedMicroBatch], local_micro: float, collectives: Collectives, device
-) -> list[float]:
-    sums = collectives.all_reduce(
-        [
-            float(sum(mb.padding for mb in flat)),
-            float(sum(mb.num_tokens for mb in flat if not mb.padding)),
-            float(sum(len(mb.target_index_N) for mb in flat if not mb.padding)),
-            float(sum(mb.num_targets for mb in flat)),
-        ],
-        "sum",
-        device,
-    )
-    fewest_neg, most = collectives.all_reduce([-local_micro, local_micro], "max", device)
-    return [*sums, fewest_neg, most]
 
 
 def global_stats(
@@ -232,7 +226,9 @@ def teacher_phase(teacher: torch.nn.Module, plan: StepPlan, opd_config: OPDConfi
     head: dict[str, torch.Tensor | None] = {}
 
     def final_hidden(module, hidden_1_N_H):
-        if not head:  # once per step, inside the forward: FSDP has the full head on the compute device here
+        if (
+            "weight" not in head
+        ):  # once per step, inside the forward: FSDP has the full head on the compute device here
             weight = module.weight[:vocab] if vocab else module.weight
             bias = None if module.bias is None else (module.bias[:vocab] if vocab else module.bias)
             keep = "cpu" if mode == "hidden" else hidden_1_N_H.device
@@ -322,20 +318,27 @@ def student_phase(
         for m, micro in enumerate(plan.minis):
             optimizer.zero_grad()
             for mb, signal in zip(micro, teacher_out.signals[m], strict=True):
-                _micro_step(
+                coef_N = coefficients(mb, opd, plan.normaliser_M[m], opd_config, collectives.loss_scale)
+                select = None
+                if select_tokens is not None and not mb.padding:
+                    select = functools.partial(_select_in, select_tokens, mb=mb, step=step)
+                r = _micro_step(
                     student,
                     mb,
                     _on_device(signal, head_weight, head_bias, device),
-                    opd,
-                    opd_config,
-                    plan.normaliser_M[m],
-                    collectives,
+                    coef_N.to(device),
+                    select,
                     loss_type,
-                    step,
-                    select_tokens,
-                    totals,
+                    opd_config,
                     device,
                 )
+                if not mb.padding:
+                    totals["div"] += float(r.div_N.sum())
+                    totals["entropy"] += float(r.entropy_N.sum())
+                    totals["tokens"] += mb.num_targets
+                    totals["kept"] += (
+                        mb.num_targets if r.selected_N is None else float((r.selected_N > 0).sum())
+                    )
             if plan.normaliser_M[m] == 0:  # no target token on any rank: nothing to learn, no step
                 skipped += 1
                 continue
@@ -364,27 +367,12 @@ def student_phase(
     }
 
 
-def _micro_step(
-    student,
-    mb,
-    signal,
-    opd,
-    opd_config,
-    normaliser,
-    collectives,
-    loss_type,
-    step,
-    select_tokens,
-    totals,
-    device,
-) -> None:
-    coef_N = coefficients(mb, opd, normaliser, opd_config, collectives.loss_scale).to(device)
-    select = None
-    if select_tokens is not None and not mb.padding:
+def _select_in(select_tokens: TokenSelector, div_N, entropy_N, *, mb: PackedMicroBatch, step: int):
+    return select_tokens(div_N, entropy_N, mb, step)
 
-        def select(div_N, entropy_N):
-            return select_tokens(div_N, entropy_N, mb, step)
 
+def _micro_step(student, mb, signal, coef_N, select, loss_type, opd_config, device) -> HeadDivergence:
+    """One student forward whose output head computes the fused divergence, and its backward."""
     result = {}
 
     def fused(head, hidden_1_N_H):
@@ -405,13 +393,11 @@ def _micro_step(
     with output_head_replaced(student, fused):
         loss = student(**mb.model_inputs(device)).logits
     loss.backward()
-    if mb.padding:
-        return
-    r = result["r"]
-    totals["div"] += float(r.div_N.sum())
-    totals["entropy"] += float(r.entropy_N.sum())
-    totals["tokens"] += mb.num_targets
-    totals["kept"] += mb.num_targets if r.selected_N is None else float((r.selected_N > 0).sum())
+    return result["r"]
+
+
+# batch stats that are a maximum over ranks, not a sum
+_MAXIMUM_STATS = ("opd/padded_width", "opd/prompt_source_raw")
 
 
 def run_step(
@@ -425,20 +411,28 @@ def run_step(
     *,
     batch_rows: int | None = None,
     collectives: Collectives | None = None,
+    pad_token_id: int = 0,
+    student_on_device: Callable[[], AbstractContextManager] = nullcontext,
     **student_kwargs,
 ) -> dict[str, float]:
-    """Both phases on modules held in memory (tests and benchmarks; the verl worker loads and offloads
-    between the phases itself). Returns the step's metrics."""
+    """Both phases: plan, teacher phase, student phase. ``student_on_device`` wraps the student phase (verl's
+    worker loads the offloaded student and its optimizer there). Returns the step's metrics."""
     collectives = collectives or Collectives()
-    metrics = dict(opd.stats)
+    metrics = global_stats(opd.stats, collectives, device, _MAXIMUM_STATS)  # the rows of all ranks
     plan = plan_passes(
-        opd, batch_rows if batch_rows is not None else len(opd), settings, opd_config, collectives, device
+        opd,
+        batch_rows if batch_rows is not None else len(opd),
+        settings,
+        opd_config,
+        collectives,
+        device,
+        pad_token_id,
     )
     metrics.update(plan.stats)
     with measure("teacher", metrics, device):
         teacher_out = teacher_phase(teacher, plan, opd_config, device)
     metrics.update(signal_metrics(teacher_out))
-    with measure("student", metrics, device):
+    with measure("student", metrics, device), student_on_device():
         metrics.update(
             student_phase(
                 student,

@@ -8,6 +8,8 @@ what token-selection and divergence-schedule methods override.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from verl import DataProto
 from verl.single_controller.base.decorator import make_nd_compute_dataproto_dispatch_fn, register
@@ -25,16 +27,7 @@ from verl.workers.fsdp_workers import AsyncActorRolloutRefWorker
 from opd.distill.batch import build_opd_batch
 from opd.distill.config import OPDConfig
 from opd.distill.packing import PackedMicroBatch
-from opd.distill.step import (
-    Collectives,
-    StepSettings,
-    global_stats,
-    measure,
-    plan_passes,
-    signal_metrics,
-    student_phase,
-    teacher_phase,
-)
+from opd.distill.step import Collectives, StepSettings, run_step
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -72,7 +65,6 @@ class OPDActorRolloutRefWorker(AsyncActorRolloutRefWorker):
         assert self._is_actor and self._is_ref, "OPD needs the actor and the teacher (ref) in one worker"
         opd_config = OPDConfig.from_mapping(data.meta_info["opd"])
         device = get_device_id()
-        metrics: dict[str, float] = {}
         opd = build_opd_batch(
             data.to("cpu"),
             self.tokenizer,
@@ -80,56 +72,41 @@ class OPDActorRolloutRefWorker(AsyncActorRolloutRefWorker):
             overlong=opd_config.overlong,
             allow_empty=True,  # a rank left without rows still runs its passes (padding micro-batches)
         )
-        settings = step_settings(self.config.actor)
-        collectives = Collectives()
-        maxima = ("opd/padded_width", "opd/prompt_source_raw")
-        metrics.update(global_stats(opd.stats, collectives, device, maxima))  # rows etc. of all ranks
-        plan = plan_passes(
+        step = int(data.meta_info.get("global_steps", 0))
+        metrics = run_step(
+            self.actor_module_fsdp,
+            self.ref_module_fsdp,
+            self.actor_optimizer,
             opd,
-            len(data),
-            settings,
             opd_config,
-            collectives,
+            step_settings(self.config.actor),
             device,
+            batch_rows=len(data),
+            collectives=Collectives(),
             pad_token_id=self.tokenizer.pad_token_id or 0,
+            student_on_device=self._student_on_device,
+            loss_type=self.divergence_at(step, opd_config),
+            step=step,
+            clip_and_step=self._clip_and_step,
+            select_tokens=self.select_tokens,
         )
-        metrics.update(plan.stats)
-
-        with measure("teacher", metrics, device):
-            teacher_out = teacher_phase(self.ref_module_fsdp, plan, opd_config, device)
-        metrics.update(signal_metrics(teacher_out))
-
-        with measure("student", metrics, device):
-            step = int(data.meta_info.get("global_steps", 0))
-            if self._is_offload_param:
-                load_fsdp_model_to_gpu(self.actor_module_fsdp)
-            if self._is_offload_optimizer:
-                load_fsdp_optimizer(optimizer=self.actor_optimizer, device_id=device)
-            metrics.update(
-                student_phase(
-                    self.actor_module_fsdp,
-                    self.actor_optimizer,
-                    plan,
-                    teacher_out,
-                    opd,
-                    opd_config,
-                    settings,
-                    device,
-                    loss_type=self.divergence_at(step, opd_config),
-                    step=step,
-                    collectives=collectives,
-                    clip_and_step=self._clip_and_step,
-                    select_tokens=self.select_tokens,
-                )
-            )
-            lr = self.actor_lr_scheduler.get_last_lr()[0]
-            self.actor_lr_scheduler.step()
-            if self._is_offload_param:
-                offload_fsdp_model_to_cpu(self.actor_module_fsdp)
-            if self._is_offload_optimizer:
-                offload_fsdp_optimizer(optimizer=self.actor_optimizer)
+        lr = self.actor_lr_scheduler.get_last_lr()[0]
+        self.actor_lr_scheduler.step()
         metrics["actor/lr"] = lr.item() if torch.is_tensor(lr) else lr
         return DataProto(meta_info={"metrics": metrics})
+
+    @contextmanager
+    def _student_on_device(self):
+        """The student and its optimizer state on the device for phase 2, offloaded after (as configured)."""
+        if self._is_offload_param:
+            load_fsdp_model_to_gpu(self.actor_module_fsdp)
+        if self._is_offload_optimizer:
+            load_fsdp_optimizer(optimizer=self.actor_optimizer, device_id=get_device_id())
+        yield
+        if self._is_offload_param:
+            offload_fsdp_model_to_cpu(self.actor_module_fsdp)
+        if self._is_offload_optimizer:
+            offload_fsdp_optimizer(optimizer=self.actor_optimizer)
 
     def select_tokens(
         self, div_N: torch.Tensor, entropy_N: torch.Tensor, mb: PackedMicroBatch, step: int
