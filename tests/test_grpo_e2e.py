@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 import opd.config  # noqa: F401  (resolvers for the saved config)
-from conftest import REPO, only_run_dir, run_launcher, tiny_launcher_env
+from conftest import only_run_dir, run_launcher, tiny_launcher_env
 from opd.checkpoint import MARKER_FILE, convert, find_actor_checkpoint, reassemble
 from opd.demo import read_metrics
 from test_checkpoint import HF_FILES, load_stored
@@ -34,11 +34,7 @@ def variant_run(request, tiny_assets, tiny_raw_data, tmp_path_factory) -> tuple[
         tiny_assets, tiny_raw_data, output_root, TOTAL_TRAINING_STEPS="2", SAVE_FREQ="2", TEST_FREQ="2"
     )
     log = output_root / "launcher.log"
-    # rewards mixed within every group (tests/rewards/by_length.py): with the tiny student's ~6% sampled
-    # accuracy, all 32 samples of a step are unrewarded about one run in seven, GRPO's advantages are then 0
-    # and the policy never moves (a CI run saw actor/kl_loss = 0 at step 2)
-    reward = f"reward.custom_reward_function.path={REPO / 'tests' / 'rewards' / 'by_length.py'}"
-    assert run_launcher(request.param, env, log, reward) == 0, log.read_text()[-4000:]
+    assert run_launcher(request.param, env, log) == 0, log.read_text()[-4000:]
     return request.param, only_run_dir(output_root)
 
 
