@@ -24,9 +24,94 @@ OVERLONG_POLICIES = ("truncate", "skip", "error")
 # whatever its length: the original repository's per-sample weighting)
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean")
 
+# token-selection rules (opd.token_selection.rule), scored per target token from the student's normalised
+# entropy h = H(p_s) / log V and the divergence d (the configured loss's, per token):
+#   all: every token; entropy: h; divergence: d; random: uniform (the control);
+#   soft_or: 1 - (1 - h')(1 - d'), h' = h clipped at its entropy_clip_quantile then min-max, d' = min-max d;
+#   q3: forward KL(teacher || student) x (1 - h'), the "overconfident and wrong" tokens (low h, high d)
+SELECTION_RULES = ("all", "entropy", "divergence", "soft_or", "q3", "random")
+# rollout: each response keeps its top floor(ratio x its tokens), at least one (no response drops out);
+# mini_batch: this rank's mini-batch keeps its top floor(ratio x its tokens) (a no-grad scoring forward of
+# the mini-batch first: the ranking needs every micro-batch's scores before the first gradient pass)
+SELECTION_SCOPES = ("rollout", "mini_batch")
+# kept: the loss is the mean over kept tokens (the selection is a loss mask: sum w d over kept / sum w over
+# kept); all: over the tokens before selection (dropped tokens count as zeros: the loss shrinks with ratio)
+SELECTION_NORMALISERS = ("kept", "all")
+# rules that rank by the divergence, which the sampled signal gives only as a one-token estimate
+_RULES_NEEDING_DIVERGENCE = ("divergence", "soft_or", "q3")
+
 
 class OPDConfigError(ValueError):
     """An ``opd:`` setting (or a verl setting the OPD step reads) that cannot run; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class TokenSelection:
+    """``opd.token_selection.*``: which target tokens enter the student's update (token importance, TIP).
+
+    With a rule other than ``all``, a no-grad scoring pass over the output head gives every token's
+    entropy and divergence, then the gradient pass (output head, divergence and their backward) runs for
+    the kept tokens only. The student's transformer forward and backward still run over every token.
+    """
+
+    rule: str = "all"  # one of SELECTION_RULES
+    ratio: float = 1.0  # kept fraction, in (0, 1]
+    scope: str = "rollout"  # one of SELECTION_SCOPES
+    normalise: str = "kept"  # one of SELECTION_NORMALISERS
+    entropy_clip_quantile: float = (
+        0.98  # soft_or/q3: h is clipped at this quantile of the batch before min-max
+    )
+    # quadrant diagnostics (opd/tokens/q1..q4_share): high/low entropy and divergence split at these
+    # values (h is the normalised entropy in [0, 1], d the per-token divergence in nats); null: the median
+    # of each micro-batch's tokens
+    entropy_threshold: float | None = None
+    divergence_threshold: float | None = None
+    sample_pairs: int = (
+        0  # > 0: per step, this many (entropy, divergence, kept) triples of rank 0 go to token_pairs.jsonl
+    )
+    seed: int = 0  # the random rule's draws (with the step and the micro-batch)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_type(f"token_selection.{f.name}", getattr(self, f.name), f.type)
+        _one_of("token_selection.rule", self.rule, SELECTION_RULES)
+        _one_of("token_selection.scope", self.scope, SELECTION_SCOPES)
+        _one_of("token_selection.normalise", self.normalise, SELECTION_NORMALISERS)
+        if not 0.0 < self.ratio <= 1.0:
+            raise OPDConfigError(
+                f"opd.token_selection.ratio={self.ratio} must lie in (0, 1]: the fraction of target tokens kept"
+            )
+        if self.rule == "all" and self.ratio != 1.0:
+            raise OPDConfigError(
+                f"opd.token_selection.ratio={self.ratio} with rule=all (which keeps every token): choose a rule "
+                f"({', '.join(r for r in SELECTION_RULES if r != 'all')}) or set ratio=1.0"
+            )
+        if not 0.0 < self.entropy_clip_quantile <= 1.0:
+            raise OPDConfigError(
+                f"opd.token_selection.entropy_clip_quantile={self.entropy_clip_quantile} must lie in (0, 1]"
+            )
+        if self.entropy_threshold is not None and not 0.0 <= self.entropy_threshold <= 1.0:
+            raise OPDConfigError(
+                f"opd.token_selection.entropy_threshold={self.entropy_threshold}: the normalised entropy "
+                "H / log V lies in [0, 1] (null: the median)"
+            )
+        if self.divergence_threshold is not None and self.divergence_threshold < 0:
+            raise OPDConfigError(
+                f"opd.token_selection.divergence_threshold={self.divergence_threshold} must be >= 0 (null: the median)"
+            )
+        if self.sample_pairs < 0:
+            raise OPDConfigError(
+                f"opd.token_selection.sample_pairs={self.sample_pairs} must be >= 0 (0: off)"
+            )
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> TokenSelection:
+        return _from_mapping(cls, mapping, "opd.token_selection")
+
+    @property
+    def active(self) -> bool:
+        """Whether tokens are dropped at all (a scoring pass runs)."""
+        return self.rule != "all"
 
 
 @dataclass(frozen=True)
@@ -44,8 +129,13 @@ class OPDConfig:
     reward_beta: float = 0.0  # > 0: reward-weighted distillation, w = softmax(r / reward_beta) * B
     loss_agg_mode: str = "token-mean"  # one of LOSS_AGG_MODES
     vocab_size: int | None = None  # filled at start-up: the compared vocabulary (the tokenizer's size)
+    token_selection: TokenSelection = dataclasses.field(
+        default_factory=lambda: TokenSelection()
+    )  # opd.token_selection.*
 
     def __post_init__(self) -> None:
+        if isinstance(self.token_selection, Mapping):  # the YAML group, as a dict or a DictConfig
+            object.__setattr__(self, "token_selection", TokenSelection.from_mapping(self.token_selection))
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), f.type)
         _one_of("loss_type", self.loss_type, DIVERGENCES)
@@ -72,19 +162,19 @@ class OPDConfig:
             )
         if self.teacher_signal == "topk" and self.vocab_size is not None and self.topk > self.vocab_size:
             raise OPDConfigError(f"opd.topk={self.topk} exceeds the vocabulary ({self.vocab_size} tokens)")
+        rule = self.token_selection.rule
+        if self.teacher_signal == "sampled" and rule in _RULES_NEEDING_DIVERGENCE:
+            raise OPDConfigError(
+                f"opd.token_selection.rule={rule} ranks tokens by their divergence"
+                + (" (forward KL)" if rule == "q3" else "")
+                + ", but teacher_signal=sampled gives only a one-token estimate of it; use teacher_signal=hidden "
+                "(exact, or logits/topk), or rule=entropy/random"
+            )
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> OPDConfig:
         """From the ``opd:`` group (a dict or a DictConfig); an unknown key is refused with the known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {key: mapping[key] for key in mapping}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise OPDConfigError(
-                f"unknown opd key(s) {unknown}: the known keys are {sorted(known)} "
-                "(see src/opd/config/opd_trainer.yaml)"
-            )
-        return cls(**values)
+        return _from_mapping(cls, mapping, "opd")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,6 +224,18 @@ def check_trainer(opd: OPDConfig, actor_rollout_ref: Mapping[str, Any]) -> None:
             )
 
 
+def _from_mapping(cls, mapping: Mapping[str, Any], group: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {key: mapping[key] for key in mapping}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise OPDConfigError(
+            f"unknown {group} key(s) {unknown}: the known keys are {sorted(known)} "
+            "(see src/opd/config/opd_trainer.yaml)"
+        )
+    return cls(**values)
+
+
 def _one_of(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise OPDConfigError(f"opd.{name}={value}: choose one of {sorted(choices)}")
@@ -148,6 +250,7 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
         raise OPDConfigError(f"opd.{name} must be set (it has no null value)")
     base = annotation.removesuffix("| None").strip()
     ok = {
+        "TokenSelection": isinstance(value, TokenSelection),
         "str": isinstance(value, str),
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, int | float) and not isinstance(value, bool),

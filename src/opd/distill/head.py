@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from opd.distill.losses import _compute, _plan
 from opd.distill.teacher_signal import TeacherSignal
 
-# a token-selection rule: (div_N, entropy_N) of every target token -> a factor per token (0 drops it)
-Selector = Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]
+# a token-selection rule: (div_N, entropy_N, fkl_N or None) of every target token -> a factor per token (0
+# drops it), or None to keep them all
+Selector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor | None]
 
 
 @dataclass
@@ -43,6 +44,7 @@ class HeadDivergence:
     div_N: torch.Tensor  # fp32, detached: every target token's divergence
     entropy_N: torch.Tensor  # fp32, detached: the student's entropy per target token
     selected_N: torch.Tensor | None  # the selector's factor per token (None: no selector)
+    fkl_N: torch.Tensor | None = None  # fp32, detached: forward KL(teacher || student) per token (want_fkl)
 
 
 @dataclass
@@ -55,6 +57,8 @@ class _Spec:
     coef_N: torch.Tensor
     select: Selector | None
     need_grad: bool
+    want_fkl: bool
+    skip_zero_coef: bool
 
 
 def head_divergence(
@@ -66,6 +70,8 @@ def head_divergence(
     *,
     coef_N: torch.Tensor | None = None,
     select: Selector | None = None,
+    want_fkl: bool = False,
+    skip_zero_coef: bool = False,
     beta: float = 0.5,
     chunk_size: int = 1024,
     vocab_size: int | None = None,
@@ -75,7 +81,9 @@ def head_divergence(
 
     ``coef_N`` defaults to ones. With a ``select`` rule the divergences and entropies of all tokens are
     computed first without gradients (a scoring pass over the head only), the rule's factors multiply
-    ``coef_N``, and the gradient pass visits only the tokens whose coefficient is non-zero.
+    ``coef_N``, and the gradient pass visits only the tokens whose coefficient is non-zero (as it does
+    with ``skip_zero_coef``: their divergence and entropy stay 0). ``want_fkl``: also each token's forward
+    KL from the same pass (the scoring pass's, with a rule).
     ``vocab_size`` compares the first V columns (the tokenizer's); head rows beyond it get zero gradient.
     """
     if hidden_N_H.ndim != 2 or weight_W_H.ndim != 2 or hidden_N_H.shape[1] != weight_W_H.shape[1]:
@@ -95,9 +103,22 @@ def head_divergence(
         raise ValueError(f"coef_N must have shape ({n},), got {tuple(coef_N.shape)}")
     inputs = [t for t in (hidden_N_H, weight_W_H, bias_W) if t is not None]
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    spec = _Spec(teacher, kind, beta, vocab, chunk_size, coef_N.detach().float(), select, need_grad)
-    loss, div_N, entropy_N, selected_N = _HeadDivergenceFn.apply(hidden_N_H, weight_W_H, bias_W, spec)
-    return HeadDivergence(loss, div_N, entropy_N, None if select is None else selected_N)
+    spec = _Spec(
+        teacher,
+        kind,
+        beta,
+        vocab,
+        chunk_size,
+        coef_N.detach().float(),
+        select,
+        need_grad,
+        want_fkl,
+        skip_zero_coef,
+    )
+    loss, div_N, entropy_N, selected_N, fkl_N = _HeadDivergenceFn.apply(hidden_N_H, weight_W_H, bias_W, spec)
+    return HeadDivergence(
+        loss, div_N, entropy_N, None if select is None else selected_N, fkl_N if want_fkl else None
+    )
 
 
 class _HeadDivergenceFn(torch.autograd.Function):
@@ -110,11 +131,16 @@ class _HeadDivergenceFn(torch.autograd.Function):
         entropy_N = torch.zeros(n, dtype=torch.float32, device=device)
         coef_N = spec.coef_N.to(device)
         selected_N = torch.ones(n, dtype=torch.float32, device=device)
+        fkl_N = torch.zeros(n, dtype=torch.float32, device=device)
+        fkl_into = fkl_N if spec.want_fkl else None
         rows_N = torch.arange(n, device=device)
+        if spec.skip_zero_coef:
+            rows_N = coef_N.nonzero().flatten()
         if spec.select is not None:  # scoring pass: every token's divergence and entropy, no gradient
             for idx in _chunks(rows_N, spec.chunk_size):
-                _chunk(spec, hidden_N_H, head_V_H, bias_V, idx, div_N, entropy_N, None)
-            factor_N = spec.select(div_N.clone(), entropy_N.clone())
+                _chunk(spec, hidden_N_H, head_V_H, bias_V, idx, div_N, entropy_N, None, fkl_into)
+            fkl_into = None  # the gradient pass leaves the scores as they are
+            factor_N = spec.select(div_N.clone(), entropy_N.clone(), fkl_N.clone() if spec.want_fkl else None)
             if factor_N is not None:
                 selected_N = factor_N.detach().to(device, torch.float32)
                 if selected_N.shape != (n,):
@@ -132,14 +158,15 @@ class _HeadDivergenceFn(torch.autograd.Function):
             )
         if spec.select is None or spec.need_grad:
             for idx in _chunks(rows_N, spec.chunk_size):
-                _chunk(spec, hidden_N_H, head_V_H, bias_V, idx, div_N, entropy_N, (coef_N, grads))
+                grad_into = None if grads is None else (coef_N, grads)  # no_grad: values only
+                _chunk(spec, hidden_N_H, head_V_H, bias_V, idx, div_N, entropy_N, grad_into, fkl_into)
         loss = (coef_N * div_N).sum()
         ctx.grads = grads
-        ctx.mark_non_differentiable(div_N, entropy_N, selected_N)
-        return loss, div_N, entropy_N, selected_N
+        ctx.mark_non_differentiable(div_N, entropy_N, selected_N, fkl_N)
+        return loss, div_N, entropy_N, selected_N, fkl_N
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_div, _grad_entropy, _grad_selected):
+    def backward(ctx, grad_loss, _grad_div, _grad_entropy, _grad_selected, _grad_fkl):
         grads, ctx.grads = ctx.grads, None
         if grads is None:
             raise RuntimeError("head_divergence: a second backward (its gradients are handed over once)")
@@ -161,9 +188,10 @@ def _chunks(rows_N: torch.Tensor, size: int) -> Iterator[torch.Tensor | slice]:
             yield rows_N[start : start + size]
 
 
-def _chunk(spec: _Spec, hidden_N_H, head_V_H, bias_V, idx, div_N, entropy_N, grad_into) -> None:
-    """One chunk's logits, divergence and entropy; with ``grad_into=(coef_N, grads)`` also the chunk's
-    gradients wrt the hidden rows and the head (added into ``grads``)."""
+def _chunk(spec: _Spec, hidden_N_H, head_V_H, bias_V, idx, div_N, entropy_N, grad_into, fkl_N=None) -> None:
+    """One chunk's logits, divergence and entropy (and forward KL into ``fkl_N``); with
+    ``grad_into=(coef_N, grads)`` also the chunk's gradients wrt the hidden rows and the head (added into
+    ``grads``)."""
     hidden_c_H = hidden_N_H[idx]
     logits_c_V = F.linear(hidden_c_H, head_V_H, bias_V)  # the head's dtype, like the model's own head
     need_grad = grad_into is not None
@@ -178,8 +206,15 @@ def _chunk(spec: _Spec, hidden_N_H, head_V_H, bias_V, idx, div_N, entropy_N, gra
         overwrite=False,
     )
     plan.need_grad, plan.overwrite = need_grad, need_grad  # the chunk's logits are ours: reuse their storage
-    div_c, entropy_c, grad_c_V, row_scale_c = _compute(plan, need_grad)
+    fkl_c = (
+        None
+        if fkl_N is None
+        else torch.zeros(logits_c_V.shape[0], dtype=plan.compute_dtype, device=div_N.device)
+    )
+    div_c, entropy_c, grad_c_V, row_scale_c = _compute(plan, need_grad, fkl_c)
     div_N[idx], entropy_N[idx] = div_c.float(), entropy_c.float()
+    if fkl_N is not None:
+        fkl_N[idx] = fkl_c.float()
     if not need_grad:
         return
     coef_N, (grad_hidden_N_H, grad_weight_W_H, grad_bias_W) = grad_into

@@ -269,8 +269,13 @@ class _Workspace:
         return self.bufs[name][:n]
 
 
-def _compute(plan: _Plan, need_grad: bool):
+def _compute(plan: _Plan, need_grad: bool, fkl_N: torch.Tensor | None = None):
+    """Per row: the divergence, the student's entropy and (need_grad) the gradient rows; ``fkl_N`` (fp32, N)
+    also receives each row's forward KL(q || p) from the same pass (token selection ranks by it; not for
+    the ``sampled`` signal, which has no teacher distribution)."""
     z, teacher, V = plan.student_N_V, plan.teacher, plan.vocab
+    if fkl_N is not None and teacher.mode == "sampled":
+        raise ValueError("the sampled teacher signal has no teacher distribution: no forward KL per token")
     (N, width), device, dtype = z.shape, z.device, plan.compute_dtype
     div_N = torch.zeros(N, dtype=dtype, device=device)
     negent_N = torch.zeros(N, dtype=dtype, device=device)  # sum p log p = -entropy
@@ -306,7 +311,7 @@ def _compute(plan: _Plan, need_grad: bool):
             x = z[r0:r1, :V]
             x = ws.buf("x", n).copy_(x) if plan.overwrite or x.dtype != dtype else x
             p = grad_N_V[r0:r1, :V] if direct else ws.buf("p", n)
-            out = (div_N[r0:r1], negent_N[r0:r1], scale_N[r0:r1])
+            out = (div_N[r0:r1], negent_N[r0:r1], scale_N[r0:r1], None if fkl_N is None else fkl_N[r0:r1])
             part = [t[r0 - start : r1 - start] for t in teacher_rows]
             if teacher.mode in ("logits", "hidden"):
                 part[0] = _as_dtype(part[0], dtype, ws, "y")
@@ -438,12 +443,12 @@ def _zero_where_no_mass(x: torch.Tensor, p: torch.Tensor, safe: bool) -> torch.T
 
 def _dense(kind, beta, x, y, e, ws, out, safe) -> None:
     """Full-vocabulary divergence of rows of student logits x and teacher logits y; e receives the gradient
-    wrt x up to a per-row factor written to out[2] (applied in backward).
+    wrt x up to a per-row factor written to out[2] (applied in backward); out[3] (if not None) the forward KL.
 
     With D = x - y, log p - log q = D - (lse(x) - lse(y)): reverse KL = <p, D> - (lse(x) - lse(y)) with
     gradient p * (D - <p, D>), and forward KL = (lse(x) - lse(y)) - <q, D>. So for the KLs only
     exp(x - max x) = p * sum(...) is kept (normalised in backward) and no log-softmax is materialised."""
-    div, negent, scale = out
+    div, negent, scale, fkl = out
     n = x.shape[0]
     if kind == "jsd":
         s, t, q = ws.buf("s", n), ws.buf("t", n), ws.buf("q", n)
@@ -452,6 +457,10 @@ def _dense(kind, beta, x, y, e, ws, out, safe) -> None:
             probs.div_(total)
             torch.sub(logits, lse[:, None], out=logp)
         _rowdot(e, _zero_where_no_mass(s, e, safe), negent)
+        if fkl is not None:  # <q, t> - <q, s>
+            fkl.copy_(
+                _rowdot(q, _zero_where_no_mass(t, q, safe)) - _rowdot(q, _zero_where_no_mass(s, q, safe))
+            )
         log_m = torch.lerp(e, q, beta, out=ws.buf("m", n)).log_()  # m = (1-beta) p + beta q
         a, b = s.sub_(log_m), t.sub_(log_m)  # log p - log m, log q - log m
         if safe:
@@ -466,8 +475,14 @@ def _dense(kind, beta, x, y, e, ws, out, safe) -> None:
     total_x = total_x.view(-1)
     torch.sub(_rowdot(e, _zero_where_no_mass(x, e, safe)).div_(total_x), lse_x, out=negent)
     if kind == "reverse_kl":
-        lse_y, _ = _exp_shifted(y, ws.buf("d", n))  # (the buffer is only scratch here)
-        D = torch.sub(x, y, out=ws.buf("d", n))
+        if fkl is None:
+            lse_y, _ = _exp_shifted(y, ws.buf("d", n))  # (the buffer is only scratch here)
+            D = torch.sub(x, y, out=ws.buf("d", n))
+        else:  # forward KL = (lse(x) - lse(y)) - <q, D>, from q * total_y kept in its own buffer
+            lse_y, total_y = _exp_shifted(y, ws.buf("q", n))
+            D = torch.sub(x, y, out=ws.buf("d", n))
+            q_D = _rowdot(ws.buf("q", n), _zero_where_no_mass(D, ws.buf("q", n), safe))
+            torch.sub(lse_x - lse_y, q_D.div_(total_y.view(-1)), out=fkl)
         if safe:
             D.masked_fill_(e == 0, 0.0)
         pD = _rowdot(e, D).div_(total_x)
@@ -480,6 +495,8 @@ def _dense(kind, beta, x, y, e, ws, out, safe) -> None:
         if safe:
             D.masked_fill_(q == 0, 0.0)
         torch.sub(lse_x - lse_y, _rowdot(q, D).div_(total_y.view(-1)), out=div)
+        if fkl is not None:
+            fkl.copy_(div)
         e.addcmul_(q, (-total_x / total_y.view(-1))[:, None])  # (p - q) * total_x
     torch.reciprocal(total_x, out=scale)
 
@@ -512,7 +529,7 @@ def _student_probs(x, p, negent, safe) -> torch.Tensor:
 
 def _buckets(kind, beta, x, p, topk_logp, topk_ids, tail_logmass, out, safe) -> None:
     """K+1-bucket divergence of rows (teacher top-k ids + tail); p receives the gradient wrt the logits."""
-    div, negent, scale = out
+    div, negent, scale, fkl = out
     K = topk_ids.shape[1]
     lse_x = _student_probs(x, p, negent, safe)
     P_k = p.gather(1, topk_ids)
@@ -522,6 +539,8 @@ def _buckets(kind, beta, x, p, topk_logp, topk_ids, tail_logmass, out, safe) -> 
     T = torch.cat([topk_logp, tail_logmass[:, None]], 1)
     bucket_div, c = _bucket_grad_coef(kind, beta, P, S, T)
     div.copy_(bucket_div)
+    if fkl is not None:
+        fkl.copy_(bucket_div if kind == "forward_kl" else _bucket_grad_coef("forward_kl", beta, P, S, T)[0])
     p.mul_(c[:, K:])  # tail entries: p_j * c_tail
     p.scatter_(1, topk_ids, P_k * c[:, :K])  # top-k entries: P_k * c_k
     scale.fill_(1.0 - beta if kind == "jsd" else 1.0)
@@ -529,7 +548,7 @@ def _buckets(kind, beta, x, p, topk_logp, topk_ids, tail_logmass, out, safe) -> 
 
 def _sampled(x, p, ids, teacher_logp, out, safe) -> None:
     """k1 = log p_s(y) - log p_t(y) per row; p receives k1 * (onehot(y) - p_s)."""
-    div, negent, _ = out
+    div, negent, _, _ = out
     lse_x = _student_probs(x, p, negent, safe)
     torch.sub(x.gather(1, ids[:, None]).squeeze(1) - lse_x, teacher_logp, out=div)
     p.mul_(-div[:, None]).scatter_add_(1, ids[:, None], div[:, None])

@@ -41,6 +41,14 @@ from opd.distill.batch import OPDBatch
 from opd.distill.config import OPDConfig
 from opd.distill.head import HeadDivergence, head_divergence, output_head_replaced
 from opd.distill.packing import PackedMicroBatch, mini_batches, pad_to
+from opd.distill.selection import (
+    SUM_KEYS,
+    kept_count,
+    normalised_entropy,
+    quadrant_metrics,
+    quadrant_sums,
+    select,
+)
 from opd.distill.teacher_signal import TeacherSignal
 
 # (div_N, entropy_N, micro-batch, step) -> a factor per target token (0 drops it) or None (keep all)
@@ -99,6 +107,16 @@ def _targets_per_row(opd: OPDBatch) -> torch.Tensor:
     return opd.target_mask_B_L.sum(-1).float()
 
 
+def _counted_per_row(opd: OPDBatch, opd_config: OPDConfig) -> torch.Tensor:
+    """The tokens of each row the loss divides by: its targets, or the ones it keeps when the selection is
+    per rollout with the kept-token normaliser (known before any pass: floor(ratio x targets), >= 1)."""
+    targets_B = _targets_per_row(opd)
+    sel = opd_config.token_selection
+    if sel.active and sel.scope == "rollout" and sel.normalise == "kept":
+        return kept_count(targets_B, sel.ratio).float()
+    return targets_B
+
+
 def plan_passes(
     opd: OPDBatch,
     batch_rows: int,
@@ -125,7 +143,7 @@ def plan_passes(
     )
     pad_to(minis, [int(c) for c in counts], pad_token_id)
     flat = [mb for micro in minis for mb in micro]
-    weights_B, targets_B = _row_weights(opd), _targets_per_row(opd)
+    weights_B, targets_B = _row_weights(opd), _counted_per_row(opd, opd_config)
     local_norm = []
     for micro in minis:
         rows = torch.cat([mb.rows_R for mb in micro])
@@ -170,14 +188,21 @@ def global_stats(
 
 
 def coefficients(
-    mb: PackedMicroBatch, opd: OPDBatch, normaliser: float, opd_config: OPDConfig, loss_scale: float
+    mb: PackedMicroBatch,
+    opd: OPDBatch,
+    normaliser: float,
+    opd_config: OPDConfig,
+    loss_scale: float,
+    counted_B: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Each target token's factor in the loss (module doc); 0 for a padding micro-batch."""
+    """Each target token's factor in the loss (module doc); 0 for a padding micro-batch. ``counted_B``: the
+    tokens each row's mean divides by (default ``_counted_per_row``)."""
     if mb.padding or normaliser == 0:
         return torch.zeros(len(mb.target_index_N))
     coef_N = _row_weights(opd)[mb.token_row_N]
     if opd_config.loss_agg_mode == "seq-mean-token-mean":
-        coef_N = coef_N / _targets_per_row(opd)[mb.token_row_N]
+        counted_B = _counted_per_row(opd, opd_config) if counted_B is None else counted_B
+        coef_N = coef_N / counted_B[mb.token_row_N].clamp(min=1.0)
     return coef_N * (loss_scale / normaliser)
 
 
@@ -304,54 +329,94 @@ def student_phase(
     select_tokens: TokenSelector | None = None,
 ) -> dict[str, float]:
     """Phase 2 (module doc): ``ppo_epochs`` passes over the mini-batches, one optimizer step each. The
-    teacher signal serves every pass: it depends on the rollout tokens only."""
+    teacher signal serves every pass: it depends on the rollout tokens only.
+
+    Token selection (``opd.token_selection``, ``opd.distill.selection``): per rollout, the output head's
+    scoring pass ranks each micro-batch's tokens before its gradient pass; per mini-batch, a no-grad
+    scoring forward of the mini-batch's micro-batches comes first. ``select_tokens`` (a worker hook) replaces
+    the configured rule with its own factors."""
     collectives = collectives or Collectives()
     loss_type = loss_type or opd_config.loss_type
     clip_and_step = clip_and_step or (lambda: default_clip_and_step(student, optimizer, settings.grad_clip))
+    sel = opd_config.token_selection
+    vocab = opd_config.vocab_size or student.get_output_embeddings().weight.shape[0]
     student.train()
     head_weight = None if teacher_out.head_weight_V_H is None else teacher_out.head_weight_V_H.to(device)
     head_bias = None if teacher_out.head_bias_V is None else teacher_out.head_bias_V.to(device)
-    totals = {"div": 0.0, "entropy": 0.0, "tokens": 0, "kept": 0.0}
+    totals = {"div": 0.0, "entropy": 0.0, "tokens": 0}
+    quadrants: dict[str, float] = {}
+    pairs: list[torch.Tensor] = []
     grad_norms, epoch_sums, skipped = [], [], 0
-    for _ in range(settings.ppo_epochs):
+    for epoch in range(settings.ppo_epochs):
         div_before, tokens_before = totals["div"], totals["tokens"]
         for m, micro in enumerate(plan.minis):
             optimizer.zero_grad()
-            for mb, signal in zip(micro, teacher_out.signals[m], strict=True):
-                coef_N = coefficients(mb, opd, plan.normaliser_M[m], opd_config, collectives.loss_scale)
+            signals = [
+                _on_device(signal, head_weight, head_bias, device) for signal in teacher_out.signals[m]
+            ]
+            normaliser, counted_B, scored = plan.normaliser_M[m], None, None
+            if sel.active and sel.scope == "mini_batch" and select_tokens is None:
+                scored, kept_normaliser, counted_B = _score_mini_batch(
+                    student, micro, signals, opd, opd_config, loss_type, vocab, step, collectives, device
+                )
+                normaliser = normaliser if kept_normaliser is None else kept_normaliser
+            for i, (mb, signal) in enumerate(zip(micro, signals, strict=True)):
+                coef_N = coefficients(mb, opd, normaliser, opd_config, collectives.loss_scale, counted_B)
                 select = None
-                if select_tokens is not None and not mb.padding:
+                if mb.padding:
+                    pass
+                elif select_tokens is not None:
                     select = functools.partial(_select_in, select_tokens, mb=mb, step=step)
+                elif scored is not None:
+                    coef_N = coef_N * scored[i].selected_N
+                elif sel.active:
+                    select = functools.partial(
+                        _configured_rule, opd_config, vocab, mb, _generator(sel.seed, step, epoch, mb)
+                    )
                 r = _micro_step(
                     student,
                     mb,
-                    _on_device(signal, head_weight, head_bias, device),
+                    signal,
                     coef_N.to(device),
                     select,
                     loss_type,
                     opd_config,
                     device,
+                    skip_zero_coef=scored is not None,
                 )
-                if not mb.padding:
-                    totals["div"] += float(r.div_N.sum())
-                    totals["entropy"] += float(r.entropy_N.sum())
-                    totals["tokens"] += mb.num_targets
-                    totals["kept"] += (
-                        mb.num_targets if r.selected_N is None else float((r.selected_N > 0).sum())
-                    )
-            if plan.normaliser_M[m] == 0:  # no target token on any rank: nothing to learn, no step
+                if mb.padding:
+                    continue
+                if scored is not None:  # the gradient pass computed kept tokens only: report the scoring pass
+                    r = scored[i]
+                kept_N = (
+                    torch.ones_like(r.div_N, dtype=torch.bool) if r.selected_N is None else r.selected_N > 0
+                )
+                totals["div"] += float(r.div_N.sum())
+                totals["entropy"] += float(r.entropy_N.sum())
+                totals["tokens"] += mb.num_targets
+                if epoch == 0:  # the rows as the rollout left them
+                    h_N = normalised_entropy(r.entropy_N, vocab)
+                    for key, value in quadrant_sums(
+                        h_N, r.div_N, kept_N, sel.entropy_threshold, sel.divergence_threshold
+                    ).items():
+                        quadrants[key] = quadrants.get(key, 0.0) + value
+                    if sel.sample_pairs:
+                        pairs.append(_sample(torch.stack([h_N, r.div_N, kept_N.float()], 1), sel, step, mb))
+            if normaliser == 0:  # no target token on any rank: nothing to learn, no step
                 skipped += 1
                 continue
             grad_norms.append(clip_and_step())
         epoch_sums += [totals["div"] - div_before, totals["tokens"] - tokens_before]
     # token means over all ranks (verl logs rank 0's metrics)
-    entropy, kept, *epoch_sums = collectives.all_reduce(
-        [totals["entropy"], totals["kept"], *epoch_sums], "sum", device
+    keys = list(SUM_KEYS)  # the same list on every rank, whether or not it had tokens
+    entropy, *rest = collectives.all_reduce(
+        [totals["entropy"], *[quadrants.get(k, 0.0) for k in keys], *epoch_sums], "sum", device
     )
+    quadrant_totals, epoch_sums = dict(zip(keys, rest[: len(keys)], strict=True)), rest[len(keys) :]
     epoch_divergence = [d / max(n, 1) for d, n in zip(epoch_sums[::2], epoch_sums[1::2], strict=True)]
     n_tokens = max(sum(epoch_sums[1::2]), 1)
     divergence = sum(epoch_sums[::2]) / n_tokens
-    return {
+    metrics = {
         "opd/divergence": divergence,
         # the same value under the divergence actually optimised, so a run can show which one it was
         f"opd/divergence/{loss_type}": divergence,
@@ -359,21 +424,102 @@ def student_phase(
         # student toward the teacher?
         "opd/divergence_first_epoch": epoch_divergence[0],
         "opd/divergence_last_epoch": epoch_divergence[-1],
-        "opd/selected_token_fraction": kept / n_tokens,
         "opd/optimizer_steps": float(len(grad_norms)),
         "opd/optimizer_steps_skipped_empty": float(skipped),
         "actor/entropy": entropy / n_tokens,  # replaces verl's (skipped) old-log-prob pass
         "actor/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),  # the global norm (FSDP clips globally)
     }
+    metrics.update(quadrant_metrics(quadrant_totals))
+    if pairs:
+        metrics["token_pairs"] = _sample(torch.cat(pairs), sel, step, None).tolist()  # rank 0's; not a scalar
+    return metrics
 
 
-def _select_in(select_tokens: TokenSelector, div_N, entropy_N, *, mb: PackedMicroBatch, step: int):
+def _generator(seed: int, step: int, epoch: int, mb: PackedMicroBatch | None) -> torch.Generator:
+    """Draws that depend on the seed, the step, the epoch and the rows only (not on timing or rank order)."""
+    first_row = int(mb.rows_R[0]) if mb is not None and len(mb.rows_R) else -1
+    return torch.Generator().manual_seed(hash((seed, step, epoch, first_row)) % 2**63)
+
+
+def _sample(rows_P_3: torch.Tensor, sel, step: int, mb: PackedMicroBatch | None) -> torch.Tensor:
+    """At most ``sel.sample_pairs`` rows, drawn uniformly."""
+    if rows_P_3.shape[0] <= sel.sample_pairs:
+        return rows_P_3.cpu()
+    pick = torch.randperm(rows_P_3.shape[0], generator=_generator(sel.seed, step, -1, mb))[: sel.sample_pairs]
+    return rows_P_3.cpu()[pick]
+
+
+def _configured_rule(opd_config, vocab, mb, generator, div_N, entropy_N, fkl_N) -> torch.Tensor:
+    """``opd.token_selection``'s rule per rollout: each row of the micro-batch keeps its top tokens."""
+    sel = opd_config.token_selection
+    group_N = mb.token_row_N.to(div_N.device)
+    return select(sel, entropy_N, div_N, fkl_N, vocab, group_N=group_N, generator=generator).float()
+
+
+def _select_in(select_tokens: TokenSelector, div_N, entropy_N, fkl_N, *, mb: PackedMicroBatch, step: int):
     return select_tokens(div_N, entropy_N, mb, step)
 
 
-def _micro_step(student, mb, signal, coef_N, select, loss_type, opd_config, device) -> HeadDivergence:
-    """One student forward whose output head computes the fused divergence, and its backward."""
+def _score_mini_batch(student, micro, signals, opd, opd_config, loss_type, vocab, step, collectives, device):
+    """``mini_batch`` scope: a no-grad forward of every micro-batch scores its tokens; this rank's
+    mini-batch keeps its top floor(ratio x tokens). Returns each micro-batch's scores (``selected_N``: the
+    kept tokens, 1/0), the mini-batch's global normaliser and the kept tokens per row (for
+    seq-mean-token-mean)."""
+    sel = opd_config.token_selection
+    scored = []
+    with torch.no_grad():
+        for mb, signal in zip(micro, signals, strict=True):
+            if mb.padding:
+                scored.append(None)
+                continue
+            scored.append(
+                _micro_step(
+                    student, mb, signal, None, None, loss_type, opd_config, device, want_fkl=sel.rule == "q3"
+                )
+            )
+    real = [r for r in scored if r is not None]
+    weights_B, counted_B = _row_weights(opd), torch.zeros(len(opd))
+    local = 0.0
+    if real:
+        fkl = [r.fkl_N for r in real] if sel.rule == "q3" else None
+        kept_N = select(
+            sel,
+            torch.cat([r.entropy_N for r in real]),
+            torch.cat([r.div_N for r in real]),
+            None if fkl is None else torch.cat(fkl),
+            vocab,
+            generator=_generator(sel.seed, step, 0, micro[0]),
+        )
+        rows_N = torch.cat([mb.token_row_N for mb in micro if not mb.padding])
+        counted_B.index_add_(0, rows_N, kept_N.float().cpu())
+        offsets = 0
+        for r in real:
+            r.selected_N = kept_N[offsets : offsets + len(r.div_N)].float()
+            offsets += len(r.div_N)
+        all_rows_N = torch.cat([mb.token_row_N for mb in micro if not mb.padding])
+        if sel.normalise == "kept":
+            if opd_config.loss_agg_mode == "token-mean":
+                local = float(weights_B[all_rows_N.cpu()][kept_N.cpu()].sum())
+            else:
+                local = float(weights_B[counted_B > 0].sum())
+    if sel.normalise == "kept":
+        (normaliser,) = collectives.all_reduce([local], "sum", device)
+    else:
+        normaliser, counted_B = None, None
+    for i, r in enumerate(scored):
+        if r is None:
+            scored[i] = HeadDivergence(torch.zeros(()), torch.zeros(1), torch.zeros(1), torch.zeros(1))
+    return scored, normaliser, counted_B
+
+
+def _micro_step(
+    student, mb, signal, coef_N, select, loss_type, opd_config, device, *, skip_zero_coef=False, want_fkl=None
+) -> HeadDivergence:
+    """One student forward whose output head computes the fused divergence, and its backward (none under
+    ``torch.no_grad``: a scoring forward)."""
     result = {}
+    sel = opd_config.token_selection
+    want_fkl = (sel.rule == "q3" and select is not None) if want_fkl is None else want_fkl
 
     def fused(head, hidden_1_N_H):
         result["r"] = head_divergence(
@@ -384,6 +530,8 @@ def _micro_step(student, mb, signal, coef_N, select, loss_type, opd_config, devi
             loss_type,
             coef_N=coef_N,
             select=select,
+            want_fkl=want_fkl,
+            skip_zero_coef=skip_zero_coef,
             beta=opd_config.beta,
             chunk_size=opd_config.chunk_size,
             vocab_size=opd_config.vocab_size,
@@ -392,7 +540,8 @@ def _micro_step(student, mb, signal, coef_N, select, loss_type, opd_config, devi
 
     with output_head_replaced(student, fused):
         loss = student(**mb.model_inputs(device)).logits
-    loss.backward()
+    if torch.is_grad_enabled():
+        loss.backward()
     return result["r"]
 
 

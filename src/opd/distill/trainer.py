@@ -6,6 +6,9 @@ lives in the same worker as the student (verl's ``actor_rollout_ref`` role, ref 
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 from omegaconf import OmegaConf
 from verl import DataProto
@@ -31,6 +34,22 @@ def tool_mask_metrics(batch: DataProto) -> dict[str, float]:
     }
 
 
+TOKEN_PAIRS_FILE = "token_pairs.jsonl"
+
+
+def write_token_pairs(pairs: list | None, step: int) -> None:
+    """One line per step (``opd.token_selection.sample_pairs``): rank 0's sampled (normalised entropy,
+    divergence, kept) triples, next to metrics.jsonl (``python -m opd.tip plot`` draws them)."""
+    if not pairs:
+        return
+    metrics_path = os.environ.get("VERL_FILE_LOGGER_PATH") or "metrics.jsonl"
+    path = os.path.join(os.path.dirname(os.path.abspath(metrics_path)), TOKEN_PAIRS_FILE)
+    entropy, divergence, kept = (list(col) for col in zip(*pairs, strict=True))
+    record = {"step": step, "entropy": entropy, "divergence": divergence, "kept": [int(k) for k in kept]}
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 class OPDTrainer(RayPPOTrainer):
     """verl's trainer with the actor update replaced by ``update_actor_opd`` on the worker group."""
 
@@ -49,6 +68,7 @@ class OPDTrainer(RayPPOTrainer):
         batch.meta_info["global_steps"] = self.global_steps
         output = self.actor_rollout_wg.update_actor_opd(batch)
         metrics = output.meta_info["metrics"]
+        write_token_pairs(metrics.pop("token_pairs", None), self.global_steps)
         metrics.update(tool_mask_metrics(batch))
         metrics["opd/reward_weight_min"] = float(weights_B.min())
         metrics["opd/reward_weight_max"] = float(weights_B.max())

@@ -35,6 +35,10 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+def _overrides(worker, name: str) -> bool:
+    return getattr(type(worker), name) is not getattr(OPDActorRolloutRefWorker, name)
+
+
 def step_settings(actor_config) -> StepSettings:
     """verl's actor batch geometry, after verl's per-rank normalisation (rows per rank and mini-batch)."""
     dynamic = bool(actor_config.get("use_dynamic_bsz", False))
@@ -88,7 +92,9 @@ class OPDActorRolloutRefWorker(AsyncActorRolloutRefWorker):
             loss_type=self.divergence_at(step, opd_config),
             step=step,
             clip_and_step=self._clip_and_step,
-            select_tokens=self.select_tokens,
+            # the hook only when a subclass overrides it: otherwise opd.token_selection decides (and with
+            # rule=all no scoring pass runs)
+            select_tokens=self.select_tokens if _overrides(self, "select_tokens") else None,
         )
         lr = self.actor_lr_scheduler.get_last_lr()[0]
         self.actor_lr_scheduler.step()
@@ -111,10 +117,10 @@ class OPDActorRolloutRefWorker(AsyncActorRolloutRefWorker):
     def select_tokens(
         self, div_N: torch.Tensor, entropy_N: torch.Tensor, mb: PackedMicroBatch, step: int
     ) -> torch.Tensor | None:
-        """Hook for per-token selection (token-importance methods): a factor per target token, 0 to drop it,
-        from every token's divergence and student entropy (a scoring pass over the output head); only kept
-        tokens enter the gradient pass. The normaliser stays the mini-batch's weight before selection.
-        Default: every token (None)."""
+        """Hook for a custom per-token selection: a factor per target token, 0 to drop it, from every token's
+        divergence and student entropy (a scoring pass over the output head); only kept tokens enter the
+        gradient pass. Overriding it replaces ``opd.token_selection``'s rule; the normaliser stays the
+        mini-batch's weight before selection. Not called unless overridden."""
         return None
 
     def divergence_at(self, step: int, opd_config: OPDConfig) -> str:
