@@ -30,7 +30,8 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean")
 #   soft_or: 1 - (1 - h')(1 - d'), h' = h clipped at its entropy_clip_quantile then min-max, d' = min-max d;
 #   q3: forward KL(teacher || student) x (1 - h'), the "overconfident and wrong" tokens (low h, high d)
 SELECTION_RULES = ("all", "entropy", "divergence", "soft_or", "q3", "random")
-# rollout: each response keeps its top floor(ratio x its tokens), at least one (no response drops out);
+# rollout: each response keeps its top floor(ratio x its tokens), at least one (no response drops out),
+# ranked and normalised among its own tokens;
 # mini_batch: this rank's mini-batch keeps its top floor(ratio x its tokens) (a no-grad scoring forward of
 # the mini-batch first: the ranking needs every micro-batch's scores before the first gradient pass)
 SELECTION_SCOPES = ("rollout", "mini_batch")

@@ -6,9 +6,9 @@ q3 rule, the forward KL(teacher || student) (``fkl_N``). The rules are defined i
 ``opd.distill.config.SELECTION_RULES``; the step (``opd.distill.step``) calls them on a scoring pass's
 values and keeps what ``keep_mask`` returns.
 
-Statistics (the entropy's clip quantile, min-max) are over the tokens scored together: a micro-batch in
-``rollout`` scope (rows are never split across micro-batches), this rank's mini-batch in ``mini_batch``
-scope. Ties keep the earlier token.
+Statistics (the entropy's clip quantile, min-max) are over the tokens ranked together: each rollout's own
+tokens in ``rollout`` scope (so a row's kept set depends on that row only, not on how rows were packed or
+spread over ranks), this rank's mini-batch in ``mini_batch`` scope. Ties keep the earlier token.
 """
 
 from __future__ import annotations
@@ -53,11 +53,26 @@ def rule_scores(
     valid_N: torch.Tensor | None = None,
     clip_quantile: float = 0.98,
     generator: torch.Generator | None = None,
+    group_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Each token's score under ``rule`` (higher: kept first)."""
+    """Each token's score under ``rule`` (higher: kept first); with ``group_N`` the statistics are taken
+    within each group (scores are only compared within a group then)."""
     if rule not in SELECTION_RULES:
         raise ValueError(f"unknown token-selection rule {rule!r}; choose one of {SELECTION_RULES}")
     valid_N = torch.ones_like(h_N, dtype=torch.bool) if valid_N is None else valid_N.bool()
+    if group_N is not None and rule in ("soft_or", "q3"):
+        score_N = torch.zeros(h_N.shape, dtype=torch.float32, device=h_N.device)
+        for g in torch.unique(group_N).tolist():
+            at = group_N == g
+            score_N[at] = rule_scores(
+                rule,
+                h_N[at],
+                d_N[at],
+                None if fkl_N is None else fkl_N[at],
+                valid_N=valid_N[at],
+                clip_quantile=clip_quantile,
+            )
+        return score_N
     h_N, d_N = h_N.float(), d_N.float()
     if rule == "all":
         return torch.ones_like(h_N)
@@ -135,6 +150,7 @@ def select(
         valid_N=valid_N,
         clip_quantile=config.entropy_clip_quantile,
         generator=generator,
+        group_N=group_N,
     )
     return keep_mask(score_N, config.ratio, group_N, valid_N)
 
