@@ -214,28 +214,56 @@ def test_reward_weighting_on_weights_rewarded_samples_up(weighted_run):
         assert data["opd/reward_weight_min"] < 1.0 < data["opd/reward_weight_max"], data
 
 
-# --- JSD from the teacher's top-k, weighting off ----------------------------------------------------------
+# --- JSD from the teacher's top-k, weighting off, Soft-OR token selection ---------------------------------
+
+PAIRS_PER_STEP = 64
 
 
 @pytest.fixture(scope="module")
-def topk_run(tiny_assets, tmp_path_factory) -> dict[int, dict]:
-    return opd_run(
+def topk_run(tiny_assets, tmp_path_factory) -> tuple[Path, dict[int, dict]]:
+    run_dir = tmp_path_factory.mktemp("opd_topk")
+    steps = opd_run(
         tiny_assets,
-        tmp_path_factory.mktemp("opd_topk"),
+        run_dir,
         1,
         "opd.loss_type=jsd",
         "opd.teacher_signal=topk",
         "actor_rollout_ref.actor.ppo_epochs=2",
         "actor_rollout_ref.actor.optim.lr=1e-4",
+        # half the tokens of each mini-batch (per rollout, floor(0.5 x length) of the tiny model's short
+        # answers would keep well under half)
+        "opd.token_selection.rule=soft_or",
+        "opd.token_selection.ratio=0.5",
+        "opd.token_selection.scope=mini_batch",
+        f"opd.token_selection.sample_pairs={PAIRS_PER_STEP}",  # per rank
     )
+    return run_dir, steps
 
 
 def test_jsd_from_the_teachers_topk_trains_and_moves_the_student_toward_the_teacher(topk_run, tiny_assets):
-    assert sorted(topk_run) == [1]
-    assert_trained_with(topk_run, "jsd", signal_bytes_per_token(tiny_assets, "topk"))
-    assert_updates_move_the_student_toward_the_teacher(topk_run)
+    _, steps = topk_run
+    assert sorted(steps) == [1]
+    assert_trained_with(steps, "jsd", signal_bytes_per_token(tiny_assets, "topk"))
+    assert_updates_move_the_student_toward_the_teacher(steps)
 
 
 def test_reward_weighting_off_leaves_every_weight_at_one(topk_run):
-    for data in topk_run.values():
+    for data in topk_run[1].values():
         assert data["opd/reward_weight_min"] == data["opd/reward_weight_max"] == 1.0
+
+
+def test_soft_or_keeps_half_the_tokens_and_reports_the_quadrants(topk_run):
+    run_dir, steps = topk_run
+    for data in steps.values():
+        assert data["opd/selected_token_fraction"] == pytest.approx(0.5, abs=0.02)
+        shares = [data[f"opd/tokens/{q}_share"] for q in ("q1", "q2", "q3", "q4")]
+        assert sum(shares) == pytest.approx(1.0) and min(shares) >= 0
+        # Soft-OR keeps high-entropy or high-divergence tokens: the kept ones score higher on both
+        assert data["opd/tokens/kept_divergence"] > data["opd/tokens/dropped_divergence"]
+    (record,) = [json.loads(line) for line in (run_dir / "token_pairs.jsonl").read_text().splitlines()]
+    assert record["step"] == 1 and len(record["entropy"]) == len(record["divergence"]) == PAIRS_PER_STEP
+    assert 0 < sum(record["kept"]) < PAIRS_PER_STEP
+    from opd.tip import main as tip_main
+
+    assert tip_main(["plot", str(run_dir)]) == 0
+    assert (run_dir / "token_quadrants.png").stat().st_size > 10_000

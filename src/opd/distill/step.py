@@ -430,8 +430,8 @@ def student_phase(
         "actor/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),  # the global norm (FSDP clips globally)
     }
     metrics.update(quadrant_metrics(quadrant_totals))
-    if pairs:
-        metrics["token_pairs"] = _sample(torch.cat(pairs), sel, step, None).tolist()  # rank 0's; not a scalar
+    if sel.sample_pairs:  # a list, not a scalar: every rank sends one (verl gathers each key from all ranks)
+        metrics["token_pairs"] = _sample(torch.cat(pairs), sel, step, None).tolist() if pairs else []
     return metrics
 
 

@@ -37,9 +37,10 @@ def tool_mask_metrics(batch: DataProto) -> dict[str, float]:
 TOKEN_PAIRS_FILE = "token_pairs.jsonl"
 
 
-def write_token_pairs(pairs: list | None, step: int) -> None:
-    """One line per step (``opd.token_selection.sample_pairs``): rank 0's sampled (normalised entropy,
+def write_token_pairs(per_rank: list | None, step: int) -> None:
+    """One line per step (``opd.token_selection.sample_pairs``): every rank's sampled (normalised entropy,
     divergence, kept) triples, next to metrics.jsonl (``python -m opd.tip plot`` draws them)."""
+    pairs = [triple for rank in per_rank or [] for triple in rank]
     if not pairs:
         return
     metrics_path = os.environ.get("VERL_FILE_LOGGER_PATH") or "metrics.jsonl"
