@@ -245,13 +245,19 @@ def test_selected_token_gradient_equals_the_full_loss_with_dropped_weights_zero(
     assert metrics["opd/selected_token_fraction"] == pytest.approx(float(kept_N.sum()) / n_tokens)
     if scope == "mini_batch":
         assert float(kept_N.sum()) == math.floor(0.5 * n_tokens)
-    shares = [metrics[f"opd/tokens/{q}_share"] for q in ("q1", "q2", "q3", "q4")]
-    assert sum(shares) == pytest.approx(1.0)
+    if rule == "entropy":  # scored without the teacher: no divergence of dropped tokens, so no quadrants
+        assert "opd/tokens/q1_share" not in metrics and "opd/tokens/dropped_divergence" not in metrics
+        assert metrics["opd/tokens/kept_entropy"] > metrics["opd/tokens/dropped_entropy"]
+    else:
+        shares = [metrics[f"opd/tokens/{q}_share"] for q in ("q1", "q2", "q3", "q4")]
+        assert sum(shares) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("rule", ["soft_or", "entropy", "random"])
 @pytest.mark.parametrize("scope", ["rollout", "mini_batch"])
-def test_the_gradient_pass_visits_the_kept_tokens_only(tiny_models, monkeypatch, scope):
-    """The memory and time saving: rows through the output head with a gradient are the kept ones."""
+def test_the_gradient_pass_visits_the_kept_tokens_only(tiny_models, monkeypatch, scope, rule):
+    """The memory and time saving: rows through the output head with a gradient are the kept ones; the
+    teacher's side is scored for every token only by rules that rank by the divergence."""
     student, teacher = tiny_models
     opd = build_opd_batch(rollout_batch(rows(TINY_VOCAB), weights=weights(7)), pad_token_id=0)
     visited = {"grad": 0, "scored": 0}
@@ -266,12 +272,27 @@ def test_the_gradient_pass_visits_the_kept_tokens_only(tiny_models, monkeypatch,
     config = OPDConfig(
         teacher_signal="hidden",
         vocab_size=TINY_VOCAB,
-        token_selection=TokenSelection(rule="soft_or", ratio=0.2, scope=scope),
+        token_selection=TokenSelection(rule=rule, ratio=0.2, scope=scope),
     )
     optimizer = torch.optim.SGD(student.parameters(), lr=0.0)
     settings = StepSettings(rows_per_mini_batch=7, max_rows=3, grad_clip=1e9)
     metrics = run_step(student, teacher, optimizer, opd, config, settings)
     n_tokens = int(opd.target_mask_B_L.sum())
     kept = round(metrics["opd/selected_token_fraction"] * n_tokens)
-    assert visited == {"grad": kept, "scored": n_tokens}
+    assert visited == {"grad": kept, "scored": n_tokens if rule == "soft_or" else 0}
     assert kept < 0.3 * n_tokens + 7  # at most one extra per rollout over floor(0.2 x len)
+
+
+def test_entropy_only_scoring_matches_the_full_pass_without_the_teacher():
+    from opd.distill.head import head_divergence
+
+    gen = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(40, 16, generator=gen), torch.randn(50, 16, generator=gen)
+    teacher = TeacherSignal("logits", logits_N_V=torch.randn(40, 50, generator=gen))
+    with torch.no_grad():
+        full = head_divergence(hidden, weight, None, teacher, "reverse_kl", chunk_size=7)
+        entropy_only = head_divergence(
+            hidden, weight, None, teacher, "reverse_kl", chunk_size=7, score="entropy"
+        )
+    assert torch.allclose(entropy_only.entropy_N, full.entropy_N, atol=1e-5)
+    assert not entropy_only.div_N.any()  # the teacher's side was not computed

@@ -67,9 +67,12 @@ class TokenSelection:
     # of each micro-batch's tokens
     entropy_threshold: float | None = None
     divergence_threshold: float | None = None
-    sample_pairs: int = (
-        0  # > 0: per step, this many (entropy, divergence, kept) triples of rank 0 go to token_pairs.jsonl
-    )
+    # entropy/random rules score without the teacher (random: not at all), so dropped tokens have no
+    # divergence and the quadrant metrics are left out; true: compute it anyway (the teacher's side of the
+    # head over every token, as the divergence-ranked rules always do)
+    full_diagnostics: bool = False
+    # > 0: per step and rank, this many (entropy, divergence, kept) triples go to token_pairs.jsonl
+    sample_pairs: int = 0
     seed: int = 0  # the random rule's draws (with the step and the micro-batch)
 
     def __post_init__(self) -> None:
@@ -108,6 +111,13 @@ class TokenSelection:
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> TokenSelection:
         return _from_mapping(cls, mapping, "opd.token_selection")
+
+    @property
+    def score(self) -> str:
+        """What the scoring pass computes for every token (``opd.distill.head.SCORES``)."""
+        if self.rule in ("all", *_RULES_NEEDING_DIVERGENCE) or self.full_diagnostics:
+            return "full"
+        return "entropy" if self.rule == "entropy" else "none"
 
     @property
     def active(self) -> bool:
@@ -252,6 +262,7 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
     base = annotation.removesuffix("| None").strip()
     ok = {
         "TokenSelection": isinstance(value, TokenSelection),
+        "bool": isinstance(value, bool),
         "str": isinstance(value, str),
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, int | float) and not isinstance(value, bool),

@@ -33,6 +33,11 @@ import torch.nn.functional as F
 from opd.distill.losses import _compute, _plan
 from opd.distill.teacher_signal import TeacherSignal
 
+# what a no-grad pass (the scoring pass of a selector, or a pass without gradients) computes per token:
+# full: divergence and entropy (the teacher's side too); entropy: the student's entropy only (no teacher:
+# a rule ranking by entropy needs no more); none: nothing (a rule that needs no values, e.g. random)
+SCORES = ("full", "entropy", "none")
+
 # a token-selection rule: (div_N, entropy_N, fkl_N or None) of every target token -> a factor per token (0
 # drops it), or None to keep them all
 Selector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor | None]
@@ -45,6 +50,7 @@ class HeadDivergence:
     entropy_N: torch.Tensor  # fp32, detached: the student's entropy per target token
     selected_N: torch.Tensor | None  # the selector's factor per token (None: no selector)
     fkl_N: torch.Tensor | None = None  # fp32, detached: forward KL(teacher || student) per token (want_fkl)
+    score: str = "full"  # what the no-grad pass computed for every token (SCORES); kept tokens have both
 
 
 @dataclass
@@ -59,6 +65,7 @@ class _Spec:
     need_grad: bool
     want_fkl: bool
     skip_zero_coef: bool
+    score: str
 
 
 def head_divergence(
@@ -72,6 +79,7 @@ def head_divergence(
     select: Selector | None = None,
     want_fkl: bool = False,
     skip_zero_coef: bool = False,
+    score: str = "full",
     beta: float = 0.5,
     chunk_size: int = 1024,
     vocab_size: int | None = None,
@@ -83,7 +91,9 @@ def head_divergence(
     computed first without gradients (a scoring pass over the head only), the rule's factors multiply
     ``coef_N``, and the gradient pass visits only the tokens whose coefficient is non-zero (as it does
     with ``skip_zero_coef``: their divergence and entropy stay 0). ``want_fkl``: also each token's forward
-    KL from the same pass (the scoring pass's, with a rule).
+    KL from the same pass (the scoring pass's, with a rule). ``score`` (SCORES): what the scoring pass, or a
+    pass without gradients, computes for every token; tokens it leaves out get 0 (the gradient pass still
+    gives the kept tokens' divergence and entropy).
     ``vocab_size`` compares the first V columns (the tokenizer's); head rows beyond it get zero gradient.
     """
     if hidden_N_H.ndim != 2 or weight_W_H.ndim != 2 or hidden_N_H.shape[1] != weight_W_H.shape[1]:
@@ -97,6 +107,10 @@ def head_divergence(
     n = hidden_N_H.shape[0]
     if teacher.num_tokens != n:
         raise ValueError(f"{n} hidden states but the teacher signal has {teacher.num_tokens} tokens")
+    if score not in SCORES:
+        raise ValueError(f"score={score!r}: choose one of {SCORES}")
+    if want_fkl and score != "full":
+        raise ValueError("want_fkl needs score='full' (the forward KL comes with the divergence)")
     if coef_N is None:
         coef_N = torch.ones(n, dtype=torch.float32, device=hidden_N_H.device)
     elif coef_N.shape != (n,):
@@ -114,10 +128,11 @@ def head_divergence(
         need_grad,
         want_fkl,
         skip_zero_coef,
+        score,
     )
     loss, div_N, entropy_N, selected_N, fkl_N = _HeadDivergenceFn.apply(hidden_N_H, weight_W_H, bias_W, spec)
     return HeadDivergence(
-        loss, div_N, entropy_N, None if select is None else selected_N, fkl_N if want_fkl else None
+        loss, div_N, entropy_N, None if select is None else selected_N, fkl_N if want_fkl else None, score
     )
 
 
@@ -137,8 +152,11 @@ class _HeadDivergenceFn(torch.autograd.Function):
         if spec.skip_zero_coef:
             rows_N = coef_N.nonzero().flatten()
         if spec.select is not None:  # scoring pass: every token's divergence and entropy, no gradient
-            for idx in _chunks(rows_N, spec.chunk_size):
-                _chunk(spec, hidden_N_H, head_V_H, bias_V, idx, div_N, entropy_N, None, fkl_into)
+            for idx in _chunks(rows_N, spec.chunk_size) if spec.score != "none" else ():
+                if spec.score == "entropy":
+                    _entropy_chunk(hidden_N_H, head_V_H, bias_V, idx, entropy_N)
+                else:
+                    _chunk(spec, hidden_N_H, head_V_H, bias_V, idx, div_N, entropy_N, None, fkl_into)
             fkl_into = None  # the gradient pass leaves the scores as they are
             factor_N = spec.select(div_N.clone(), entropy_N.clone(), fkl_N.clone() if spec.want_fkl else None)
             if factor_N is not None:
@@ -158,7 +176,11 @@ class _HeadDivergenceFn(torch.autograd.Function):
             )
         if spec.select is None or spec.need_grad:
             for idx in _chunks(rows_N, spec.chunk_size):
-                grad_into = None if grads is None else (coef_N, grads)  # no_grad: values only
+                if grads is None and spec.score != "full":  # no_grad: values only, as few as asked
+                    if spec.score == "entropy":
+                        _entropy_chunk(hidden_N_H, head_V_H, bias_V, idx, entropy_N)
+                    continue
+                grad_into = None if grads is None else (coef_N, grads)
                 _chunk(spec, hidden_N_H, head_V_H, bias_V, idx, div_N, entropy_N, grad_into, fkl_into)
         loss = (coef_N * div_N).sum()
         ctx.grads = grads
@@ -223,6 +245,20 @@ def _chunk(spec: _Spec, hidden_N_H, head_V_H, bias_V, idx, div_N, entropy_N, gra
     grad_weight_W_H[: spec.vocab].addmm_(grad_c_V.t(), hidden_c_H)
     if grad_bias_W is not None:
         grad_bias_W[: spec.vocab].add_(grad_c_V.sum(0))
+
+
+_ENTROPY_ROWS = 64  # rows of a chunk's logits softmaxed at once (two fp32 temporaries of rows x V)
+
+
+def _entropy_chunk(hidden_N_H, head_V_H, bias_V, idx, entropy_N) -> None:
+    """The student's entropy of a chunk's tokens from its logits alone (no teacher)."""
+    logits_c_V = F.linear(hidden_N_H[idx], head_V_H, bias_V)
+    out = []
+    for start in range(0, logits_c_V.shape[0], _ENTROPY_ROWS):
+        z = logits_c_V[start : start + _ENTROPY_ROWS].float()
+        out.append(torch.special.entr(torch.softmax(z, -1)).sum(-1))  # 0 log 0 = 0
+    if out:
+        entropy_N[idx] = torch.cat(out)
 
 
 @contextmanager

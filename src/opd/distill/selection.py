@@ -169,23 +169,30 @@ def quadrant_sums(
     kept_N: torch.Tensor,
     entropy_threshold: float | None = None,
     divergence_threshold: float | None = None,
+    score: str = "full",
 ) -> dict[str, float]:
     """Counts and sums for the step's diagnostics (summed over micro-batches and ranks, then divided):
     tokens per quadrant, kept tokens, and the entropy/divergence sums of kept and dropped tokens. A token is
-    high when strictly above the threshold (None: the median of these tokens)."""
-    if h_N.numel() == 0:
-        return dict.fromkeys(SUM_KEYS, 0.0)
+    high when strictly above the threshold (None: the median of these tokens). ``score``: what is known of
+    the dropped tokens (``opd.distill.head.SCORES``): the quadrants need every divergence."""
+    out = dict.fromkeys(SUM_KEYS, 0.0)
+    n = h_N.numel()
+    if n == 0:
+        return out
     h_N, d_N, kept_N = h_N.float(), d_N.float(), kept_N.bool()
-    h_thr = float(h_N.median()) if entropy_threshold is None else entropy_threshold
-    d_thr = float(d_N.median()) if divergence_threshold is None else divergence_threshold
-    high_h, high_d = h_N > h_thr, d_N > d_thr
-    masks = (high_h & high_d, high_h & ~high_d, ~high_h & high_d, ~high_h & ~high_d)
-    out = {f"{q}_tokens": float(m.sum()) for q, m in zip(QUADRANTS, masks, strict=True)}
-    out["tokens"] = float(h_N.numel())
-    out["kept"] = float(kept_N.sum())
-    for name, x in (("entropy", h_N), ("divergence", d_N)):
-        out[f"kept_{name}_sum"] = float(x[kept_N].sum())
-        out[f"dropped_{name}_sum"] = float(x[~kept_N].sum())
+    out["tokens"], out["kept"] = float(n), float(kept_N.sum())
+    out["kept_entropy_sum"], out["kept_divergence_sum"] = float(h_N[kept_N].sum()), float(d_N[kept_N].sum())
+    if score in ("full", "entropy"):
+        out["entropy_scored"] = float(n)
+        out["dropped_entropy_sum"] = float(h_N[~kept_N].sum())
+    if score == "full":
+        out["divergence_scored"] = float(n)
+        out["dropped_divergence_sum"] = float(d_N[~kept_N].sum())
+        h_thr = float(h_N.median()) if entropy_threshold is None else entropy_threshold
+        d_thr = float(d_N.median()) if divergence_threshold is None else divergence_threshold
+        high_h, high_d = h_N > h_thr, d_N > d_thr
+        masks = (high_h & high_d, high_h & ~high_d, ~high_h & high_d, ~high_h & ~high_d)
+        out.update({f"{q}_tokens": float(m.sum()) for q, m in zip(QUADRANTS, masks, strict=True)})
     return out
 
 
@@ -193,6 +200,8 @@ SUM_KEYS = (
     *(f"{q}_tokens" for q in QUADRANTS),
     "tokens",
     "kept",
+    "entropy_scored",
+    "divergence_scored",
     "kept_entropy_sum",
     "dropped_entropy_sum",
     "kept_divergence_sum",
@@ -201,12 +210,15 @@ SUM_KEYS = (
 
 
 def quadrant_metrics(sums: dict[str, float]) -> dict[str, float]:
-    """``opd/tokens/*`` metrics from sums over the step (all ranks)."""
+    """``opd/tokens/*`` metrics from sums over the step (all ranks); the quadrants and the dropped tokens'
+    values only where every token was scored."""
     tokens = max(sums["tokens"], 1.0)
     kept, dropped = sums["kept"], sums["tokens"] - sums["kept"]
-    out = {f"opd/tokens/{q}_share": sums[f"{q}_tokens"] / tokens for q in QUADRANTS}
-    out["opd/selected_token_fraction"] = kept / tokens
+    out = {"opd/selected_token_fraction": kept / tokens}
     for name in ("entropy", "divergence"):
         out[f"opd/tokens/kept_{name}"] = sums[f"kept_{name}_sum"] / max(kept, 1.0)
-        out[f"opd/tokens/dropped_{name}"] = sums[f"dropped_{name}_sum"] / max(dropped, 1.0)
+        if sums[f"{name}_scored"] == sums["tokens"]:
+            out[f"opd/tokens/dropped_{name}"] = sums[f"dropped_{name}_sum"] / max(dropped, 1.0)
+    if sums["divergence_scored"] == sums["tokens"]:
+        out.update({f"opd/tokens/{q}_share": sums[f"{q}_tokens"] / tokens for q in QUADRANTS})
     return out

@@ -343,12 +343,12 @@ def student_phase(
     student.train()
     head_weight = None if teacher_out.head_weight_V_H is None else teacher_out.head_weight_V_H.to(device)
     head_bias = None if teacher_out.head_bias_V is None else teacher_out.head_bias_V.to(device)
-    totals = {"div": 0.0, "entropy": 0.0, "tokens": 0}
+    totals = {"div": 0.0, "entropy": 0.0, "div_tokens": 0, "entropy_tokens": 0}
     quadrants: dict[str, float] = {}
     pairs: list[torch.Tensor] = []
     grad_norms, epoch_sums, skipped = [], [], 0
     for epoch in range(settings.ppo_epochs):
-        div_before, tokens_before = totals["div"], totals["tokens"]
+        div_before, tokens_before = totals["div"], totals["div_tokens"]
         for m, micro in enumerate(plan.minis):
             optimizer.zero_grad()
             signals = [
@@ -383,40 +383,60 @@ def student_phase(
                     opd_config,
                     device,
                     skip_zero_coef=scored is not None,
+                    score=sel.score if select is not None and select_tokens is None else "full",
                 )
                 if mb.padding:
                     continue
-                if scored is not None:  # the gradient pass computed kept tokens only: report the scoring pass
-                    r = scored[i]
-                kept_N = (
-                    torch.ones_like(r.div_N, dtype=torch.bool) if r.selected_N is None else r.selected_N > 0
-                )
-                totals["div"] += float(r.div_N.sum())
-                totals["entropy"] += float(r.entropy_N.sum())
-                totals["tokens"] += mb.num_targets
+                if (
+                    scored is not None
+                ):  # the gradient pass computed the kept tokens, the scoring pass the rest
+                    s = scored[i]
+                    kept_N = s.selected_N > 0
+                    div_N = torch.where(kept_N, r.div_N, s.div_N)
+                    entropy_N = torch.where(kept_N, r.entropy_N, s.entropy_N)
+                    score = s.score
+                else:
+                    kept_N = (
+                        torch.ones_like(r.div_N, dtype=torch.bool)
+                        if r.selected_N is None
+                        else r.selected_N > 0
+                    )
+                    div_N, entropy_N, score = r.div_N, r.entropy_N, r.score
+                # what is known of every token: the scoring pass's values, and both values of kept tokens
+                div_known = kept_N if score != "full" else torch.ones_like(kept_N)
+                entropy_known = kept_N if score == "none" else torch.ones_like(kept_N)
+                totals["div"] += float(div_N[div_known].sum())
+                totals["div_tokens"] += int(div_known.sum())
+                totals["entropy"] += float(entropy_N[entropy_known].sum())
+                totals["entropy_tokens"] += int(entropy_known.sum())
                 if epoch == 0:  # the rows as the rollout left them
-                    h_N = normalised_entropy(r.entropy_N, vocab)
+                    h_N = normalised_entropy(entropy_N, vocab)
                     for key, value in quadrant_sums(
-                        h_N, r.div_N, kept_N, sel.entropy_threshold, sel.divergence_threshold
+                        h_N, div_N, kept_N, sel.entropy_threshold, sel.divergence_threshold, score
                     ).items():
                         quadrants[key] = quadrants.get(key, 0.0) + value
                     if sel.sample_pairs:
-                        pairs.append(_sample(torch.stack([h_N, r.div_N, kept_N.float()], 1), sel, step, mb))
+                        triples = torch.stack([h_N, div_N, kept_N.float()], 1)[div_known & entropy_known]
+                        pairs.append(_sample(triples, sel, step, mb))
             if normaliser == 0:  # no target token on any rank: nothing to learn, no step
                 skipped += 1
                 continue
             grad_norms.append(clip_and_step())
-        epoch_sums += [totals["div"] - div_before, totals["tokens"] - tokens_before]
+        epoch_sums += [totals["div"] - div_before, totals["div_tokens"] - tokens_before]
     # token means over all ranks (verl logs rank 0's metrics)
     keys = list(SUM_KEYS)  # the same list on every rank, whether or not it had tokens
-    entropy, *rest = collectives.all_reduce(
-        [totals["entropy"], *[quadrants.get(k, 0.0) for k in keys], *epoch_sums], "sum", device
+    entropy, entropy_tokens, *rest = collectives.all_reduce(
+        [totals["entropy"], totals["entropy_tokens"], *[quadrants.get(k, 0.0) for k in keys], *epoch_sums],
+        "sum",
+        device,
     )
     quadrant_totals, epoch_sums = dict(zip(keys, rest[: len(keys)], strict=True)), rest[len(keys) :]
     epoch_divergence = [d / max(n, 1) for d, n in zip(epoch_sums[::2], epoch_sums[1::2], strict=True)]
     n_tokens = max(sum(epoch_sums[1::2]), 1)
     divergence = sum(epoch_sums[::2]) / n_tokens
     metrics = {
+        # over the tokens whose divergence is known: every token, unless an entropy/random rule left the
+        # dropped ones unscored (then the kept ones; opd.token_selection.full_diagnostics scores all)
         "opd/divergence": divergence,
         # the same value under the divergence actually optimised, so a run can show which one it was
         f"opd/divergence/{loss_type}": divergence,
@@ -426,7 +446,7 @@ def student_phase(
         "opd/divergence_last_epoch": epoch_divergence[-1],
         "opd/optimizer_steps": float(len(grad_norms)),
         "opd/optimizer_steps_skipped_empty": float(skipped),
-        "actor/entropy": entropy / n_tokens,  # replaces verl's (skipped) old-log-prob pass
+        "actor/entropy": entropy / max(entropy_tokens, 1),  # replaces verl's (skipped) old-log-prob pass
         "actor/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),  # the global norm (FSDP clips globally)
     }
     metrics.update(quadrant_metrics(quadrant_totals))
@@ -471,12 +491,24 @@ def _score_mini_batch(student, micro, signals, opd, opd_config, loss_type, vocab
         for mb, signal in zip(micro, signals, strict=True):
             if mb.padding:
                 scored.append(None)
-                continue
-            scored.append(
-                _micro_step(
-                    student, mb, signal, None, None, loss_type, opd_config, device, want_fkl=sel.rule == "q3"
+            elif sel.score == "none":  # a rule that needs no values (random): no scoring forward
+                zeros_N = torch.zeros(mb.num_targets)
+                scored.append(HeadDivergence(zeros_N.sum(), zeros_N, zeros_N.clone(), None, None, "none"))
+            else:
+                scored.append(
+                    _micro_step(
+                        student,
+                        mb,
+                        signal,
+                        None,
+                        None,
+                        loss_type,
+                        opd_config,
+                        device,
+                        want_fkl=sel.rule == "q3",
+                        score=sel.score,
+                    )
                 )
-            )
     real = [r for r in scored if r is not None]
     weights_B, counted_B = _row_weights(opd), torch.zeros(len(opd))
     local = 0.0
@@ -513,7 +545,18 @@ def _score_mini_batch(student, micro, signals, opd, opd_config, loss_type, vocab
 
 
 def _micro_step(
-    student, mb, signal, coef_N, select, loss_type, opd_config, device, *, skip_zero_coef=False, want_fkl=None
+    student,
+    mb,
+    signal,
+    coef_N,
+    select,
+    loss_type,
+    opd_config,
+    device,
+    *,
+    skip_zero_coef=False,
+    want_fkl=None,
+    score="full",
 ) -> HeadDivergence:
     """One student forward whose output head computes the fused divergence, and its backward (none under
     ``torch.no_grad``: a scoring forward)."""
@@ -532,6 +575,7 @@ def _micro_step(
             select=select,
             want_fkl=want_fkl,
             skip_zero_coef=skip_zero_coef,
+            score=score,
             beta=opd_config.beta,
             chunk_size=opd_config.chunk_size,
             vocab_size=opd_config.vocab_size,

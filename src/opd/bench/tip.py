@@ -1,0 +1,259 @@
+"""python -m opd.bench.tip [--rows 8] [--rules entropy,soft_or,q3,random] [--ratios 0.5,0.2] [--out outputs/bench/tip.json]
+
+Benchmarks token selection (``opd.token_selection``) in the real OPD step at Qwen's vocabulary
+(V=151,936; the model pair, rows and lengths of ``python -m opd.bench.step``): every token (``all``) and
+each rule at each kept fraction. Needs torch and transformers only, so it runs on a GPU machine too.
+
+Each configuration runs in a fresh process: models, batch, AdamW and the teacher phase, one warm-up step,
+then the measured student phase; then its parts, each warmed up once and measured on the student's final
+hidden states of every micro-batch (the step's packing and teacher signal):
+- ``transformer``: the student's forward and backward with a stand-in loss on the final hidden states
+  (what every token still costs, kept or not; measured in the ``all`` configuration);
+- ``scoring``: the no-grad pass over the output head that gives every token's entropy and divergence
+  (with a rule only);
+- ``kept part``: the output head, the divergence and their backward for the kept tokens (every token for
+  ``all``): the part that selection shrinks.
+Time is wall time; peak is memory above what was resident when the part began (CPU: the resident set's
+high-water mark; CUDA: ``max_memory_allocated``).
+
+Why the kept part's peak may not shrink: the fused head works ``chunk_size`` target tokens at a time, so
+its transient memory is about chunk x V, whatever the number of tokens above it; selection cuts it only
+when a micro-batch's tokens fit in fewer rows than a chunk (the default chunk_size 1024 and ~4 rows of a
+few hundred tokens per micro-batch here). Prints a table with ratios to ``all`` and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from opd.bench import run_child
+from opd.bench.step import VOCAB, _gib, _phase, build_models, opd_batch, row_lengths
+from opd.distill.config import SIGNALS, OPDConfig, TokenSelection
+from opd.distill.head import head_divergence, output_head_replaced
+from opd.distill.selection import select
+from opd.distill.step import (
+    StepSettings,
+    _on_device,
+    coefficients,
+    plan_passes,
+    student_phase,
+    teacher_phase,
+)
+
+# acceptance: the kept part's cost (time and peak) relative to every token's, at each kept fraction
+TARGETS = {0.5: 0.6, 0.2: 0.3}
+
+
+def run_config(args, rule: str, ratio: float) -> dict:
+    device = torch.device(args.device)
+    student, teacher = build_models(args, device, getattr(torch, args.dtype))
+    opd = opd_batch(row_lengths(args), args.seed)
+    selection = TokenSelection() if rule == "all" else TokenSelection(rule=rule, ratio=ratio)
+    config = OPDConfig(
+        loss_type=args.loss_type,
+        teacher_signal=args.signal,
+        chunk_size=args.chunk_size,
+        vocab_size=VOCAB,
+        token_selection=selection,
+    )
+    settings = StepSettings(rows_per_mini_batch=args.rows, max_rows=args.micro_rows, grad_clip=1.0)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6)
+    plan = plan_passes(opd, len(opd), settings, config, device=device)
+    teacher_out = teacher_phase(teacher, plan, config, device)
+    out: dict = {"rule": rule, "ratio": ratio, "target_tokens": int(opd.target_mask_B_L.sum())}
+    for measure in (False, True):  # the warm-up allocates gradients and AdamW state: "state" from here on
+        gc.collect()
+        with _phase(out, "phase", device, measure):
+            metrics = student_phase(student, optimizer, plan, teacher_out, opd, config, settings, device)
+    out["kept_fraction"] = metrics["opd/selected_token_fraction"]
+
+    micro = [mb for mini in plan.minis for mb in mini]
+    signals = [
+        _on_device(s, teacher_out.head_weight_V_H, teacher_out.head_bias_V, device)
+        for mini in teacher_out.signals
+        for s in mini
+    ]
+    hidden = [_final_hidden(student, mb, device) for mb in micro]
+    weight = student.get_output_embeddings().weight.detach()
+    for measure in (False, True):
+        if rule == "all":
+            gc.collect()
+            with _phase(out, "transformer", device, measure):
+                for mb in micro:
+                    _transformer_pass(student, mb, device)
+        masks = [None] * len(micro)
+        if rule != "all":
+            gc.collect()
+            with _phase(out, "scoring", device, measure), torch.no_grad():
+                for i, (mb, h, signal) in enumerate(zip(micro, hidden, signals, strict=True)):
+                    r = head_divergence(
+                        h,
+                        weight,
+                        None,
+                        signal,
+                        config.loss_type,
+                        want_fkl=rule == "q3",
+                        chunk_size=args.chunk_size,
+                    )
+                    group = mb.token_row_N.to(device)
+                    masks[i] = select(selection, r.entropy_N, r.div_N, r.fkl_N, VOCAB, group_N=group).float()
+        gc.collect()
+        with _phase(out, "kept", device, measure):
+            for mb, h, signal, mask in zip(micro, hidden, signals, masks, strict=True):
+                coef_N = coefficients(mb, opd, 1.0, config, 1.0).to(device)
+                leaf, head = h.clone().requires_grad_(), weight.clone().requires_grad_()
+                r = head_divergence(
+                    leaf,
+                    head,
+                    None,
+                    signal,
+                    config.loss_type,
+                    coef_N=coef_N if mask is None else coef_N * mask,
+                    skip_zero_coef=mask is not None,
+                    chunk_size=args.chunk_size,
+                )
+                r.loss.backward()
+                del leaf, head, r
+    return out
+
+
+def _final_hidden(student, mb, device) -> torch.Tensor:
+    """The student's final hidden states at the micro-batch's target positions (no grad)."""
+    captured = {}
+
+    def keep(_head, hidden_1_N_H):
+        captured["h"] = hidden_1_N_H[0].detach()
+        return hidden_1_N_H.new_zeros(())
+
+    with torch.no_grad(), output_head_replaced(student, keep):
+        student(**mb.model_inputs(device))
+    return captured["h"]
+
+
+def _transformer_pass(student, mb, device) -> None:
+    """Forward and backward of the transformer alone: a stand-in loss on the final hidden states."""
+
+    def stand_in(_head, hidden_1_N_H):
+        return hidden_1_N_H.float().square().mean()
+
+    with output_head_replaced(student, stand_in):
+        loss = student(**mb.model_inputs(device)).logits
+    loss.backward()
+    student.zero_grad(set_to_none=False)
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="python -m opd.bench.tip", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--rows", type=int, default=8, help="rollout rows (one mini-batch)")
+    parser.add_argument("--micro-rows", type=int, default=4, help="rows per micro-batch")
+    parser.add_argument("--response-median", type=int, default=200, help="median response tokens")
+    parser.add_argument("--response-max", type=int, default=1024, help="longest response (the clip)")
+    parser.add_argument("--student-hidden", type=int, default=512)
+    parser.add_argument("--teacher-hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--loss-type", default="reverse_kl")
+    parser.add_argument("--signal", default="hidden", choices=SIGNALS)
+    parser.add_argument("--chunk-size", type=int, default=1024, help="opd.chunk_size (the trainer's default)")
+    parser.add_argument("--rules", default="entropy,soft_or,q3,random")
+    parser.add_argument("--ratios", default="0.5,0.2")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument(
+        "--dtype", default=None, help="model dtype (default: float32 on CPU, bfloat16 on CUDA)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench/tip.json"))
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    if args.child:
+        rule, ratio = args.child.split(":")
+        print(json.dumps(run_config(args, rule, float(ratio))))
+        return 0
+    lengths = row_lengths(args)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    configs = [("all", 1.0)] + [(rule, r) for r in ratios for rule in args.rules.split(",")]
+    print(
+        f"opd.bench.tip on {args.device} ({args.dtype}): V={VOCAB}, student H={args.student_hidden}, teacher "
+        f"H={args.teacher_hidden}, {args.layers} layers; {args.rows} rows ({sum(r for _, r in lengths)} target "
+        f"tokens), {args.micro_rows} per micro-batch, chunk_size {args.chunk_size}; {args.loss_type} from "
+        f"'{args.signal}'",
+        flush=True,
+    )
+    results = []
+    for rule, ratio in configs:
+        start = time.perf_counter()
+        results.append(run_child("opd.bench.tip", [*argv, "--child", f"{rule}:{ratio}"]))
+        print(f"  {rule} {ratio}: {time.perf_counter() - start:.0f} s", flush=True)
+    base = results[0]
+    print(
+        f"\ntransformer forward+backward (every token, every rule): {base['transformer_s']:.2f} s, peak "
+        f"{_gib(base['transformer_peak_bytes'])}; the whole phase with every token: {base['phase_s']:.2f} s, "
+        f"peak {_gib(base['phase_peak_bytes'])}; the head part's share of it: "
+        f"{base['kept_s'] / base['phase_s']:.0%} of the time\n"
+    )
+    header = ["rule", "ratio", "kept", "phase s", "x all", "phase peak", "x all", "scoring s"]
+    header += ["kept part s", "x all", "kept part peak", "x all"]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    checks = {}
+    for r in results:
+        rel = {k: r[k] / base[k] for k in ("phase_s", "phase_peak_bytes", "kept_s", "kept_peak_bytes")}
+        r["relative_to_all"] = rel
+        cells = [
+            r["rule"],
+            f"{r['ratio']:.1f}",
+            f"{r['kept_fraction']:.3f}",
+            f"{r['phase_s']:.2f}",
+            f"{rel['phase_s']:.2f}",
+            _gib(r["phase_peak_bytes"]),
+            f"{rel['phase_peak_bytes']:.2f}",
+            f"{r.get('scoring_s', 0.0):.2f}",
+            f"{r['kept_s']:.2f}",
+            f"{rel['kept_s']:.2f}",
+            _gib(r["kept_peak_bytes"]),
+            f"{rel['kept_peak_bytes']:.2f}",
+        ]
+        print("| " + " | ".join(cells) + " |")
+        if r["rule"] == "all":
+            continue
+        name = f"{r['rule']} {r['ratio']}"
+        if r["ratio"] in TARGETS:
+            target = TARGETS[r["ratio"]]
+            checks[f"{name}: kept part time <= {target}x all ({rel['kept_s']:.2f})"] = rel["kept_s"] <= target
+            checks[f"{name}: kept part peak <= {target}x all ({rel['kept_peak_bytes']:.2f})"] = (
+                rel["kept_peak_bytes"] <= target
+            )
+        checks[f"{name}: phase time <= all ({rel['phase_s']:.2f})"] = rel["phase_s"] <= 1.0
+        checks[f"{name}: phase peak <= all ({rel['phase_peak_bytes']:.2f})"] = rel["phase_peak_bytes"] <= 1.0
+    print()
+    for text, ok in checks.items():
+        print(f"[{'ok' if ok else 'FAIL'}] {text}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "args": {k: v for k, v in vars(args).items() if k not in ("out", "child")},
+        "lengths": lengths,
+        "results": results,
+        "checks": checks,
+    }
+    args.out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"wrote {args.out}")
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
