@@ -9,7 +9,7 @@ STAMP := $(VENV)/.opd-setup-done
 # set OPD_TINY_DIR to keep them elsewhere.
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-fast test-e2e lint format tiny tiny-data data demo bench-loss bench-step convert \
+.PHONY: help setup test test-fast test-e2e lint format tiny tiny-data data demo bench-loss bench-step bench-tip plot-tokens repro-tip convert \
 	slurm-up slurm-down sweep-opd sweep-grpo submit status \
 	container-build container-build-cpu container-test-cpu container-lock container-push container-pull \
 	container-sif container-verify clean
@@ -67,6 +67,16 @@ bench-loss: setup ## OPD loss vs the seed's pattern at V=151,936: time, peak mem
 
 bench-step: setup ## one OPD step, packed + fused head vs the padded step, at V=151,936: time, peak memory, logit rows, signal bytes
 	$(PY) -m opd.bench.step --out outputs/bench/step.json $(BENCH_ARGS)
+
+bench-tip: setup ## token selection in the real step at V=151,936: rules x kept fractions, time and peak per phase and part
+	$(PY) -m opd.bench.tip --out outputs/bench/tip.json $(BENCH_ARGS)
+
+plot-tokens: setup ## token-importance diagnostics of a run: quadrant scatter and shares (PNG): make plot-tokens RUN=dir
+	@test -n "$(RUN)" || { echo "usage: make plot-tokens RUN=<run directory>" >&2; exit 2; }
+	$(PY) -m opd.tip plot $(RUN)
+
+repro-tip: setup ## TIP's rules on the tiny task through verl on CPU: 5 selections x 3 seeds, table + curves (~40 min)
+	$(PY) -m opd.tip repro $(REPRO_ARGS)
 
 convert: setup ## verl FSDP checkpoint -> Hugging Face model: make convert CHECKPOINT=.../global_step_N[/actor] [TARGET=dir]
 	@test -n "$(CHECKPOINT)" || { echo "usage: make convert CHECKPOINT=path/to/global_step_N [TARGET=dir]" >&2; exit 2; }

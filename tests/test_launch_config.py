@@ -66,9 +66,12 @@ def test_experiment_composes_on_both_sides_with_resources_stated_once(experiment
 
 @pytest.mark.parametrize("sweep", SWEEPS)
 def test_sweep_points_compose_for_their_experiment(sweep, model_env, tmp_path):
-    experiment = {"opd_loss_x_beta": "opd", "tiny_opd": "tiny_opd", "tiny_grpo": "tiny_grpo"}.get(
-        sweep, "grpo"
-    )
+    experiment = {
+        "opd_loss_x_beta": "opd",
+        "tiny_opd": "tiny_opd",
+        "tiny_grpo": "tiny_grpo",
+        "tip_rules": "tiny_opd_tip",
+    }.get(sweep, "grpo")
     cfg = login(f"experiment={experiment}", f"sweep={sweep}")
     params = cfg.hydra.sweeper.params or {}
     assert sweep == "none" or params, "a sweep file must vary something"

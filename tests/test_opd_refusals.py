@@ -182,3 +182,32 @@ def test_teacher_head_wider_than_the_tokenizer_passes_the_start_up_checks(tiny_a
     narrow = teacher_with_head_width(tiny_assets, tmp_path / "narrow", TOKENIZER_SIZE - 38)
     with pytest.raises(InputError, match=f"the teacher output head only {TOKENIZER_SIZE - 38} columns"):
         checked_config(tiny_assets, tmp_path / "run", narrow)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (
+            ["opd.token_selection.rule=soft_or", "opd.token_selection.ratio=1.5"],
+            "ratio=1.5 must lie in (0, 1]",
+        ),
+        (["opd.token_selection.rule=top_half"], "opd.token_selection.rule=top_half: choose one of"),
+        (
+            ["opd.teacher_signal=sampled", "opd.token_selection.rule=q3", "opd.token_selection.ratio=0.2"],
+            "use teacher_signal=hidden",
+        ),
+    ],
+)
+def test_bad_token_selection_is_refused_at_start_up_and_at_submission(tiny_assets, tmp_path, extra, expected):
+    overrides = with_teacher(tiny_assets, tmp_path / "run", tiny_assets / "teacher", *extra)
+    assert_one_clear_error(main_opd(overrides), expected)
+    # what `make submit` / `make sweep-*` run on the login node for every point before queueing it
+    env = {k: v for k, v in os.environ.items() if k != "TEACHER_MODEL_PATH"}
+    composed = subprocess.run(
+        [sys.executable, "-m", "opd.launch.compose", "opd.main_opd", str(tmp_path / "out.yaml"), *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert composed.returncode == 2 and expected in composed.stderr, composed.stderr[-2000:]
+    assert not (tmp_path / "out.yaml").exists()

@@ -211,21 +211,24 @@ def reference_gradient(student, teacher, opd, config: OPDConfig) -> tuple[torch.
 
 
 CASES = [
-    (rule, scope, "kept", "token-mean")
+    (rule, scope, "kept", "token-mean", 1024)
     for rule in ("entropy", "divergence", "soft_or", "q3")
     for scope in ("rollout", "mini_batch")
 ]
 CASES += [
-    ("soft_or", "rollout", "all", "token-mean"),
-    ("entropy", "rollout", "kept", "seq-mean-token-mean"),
-    ("q3", "mini_batch", "kept", "seq-mean-token-mean"),
-    ("divergence", "mini_batch", "all", "seq-mean-token-mean"),
+    ("soft_or", "rollout", "all", "token-mean", 1024),
+    ("entropy", "rollout", "kept", "seq-mean-token-mean", 1024),
+    ("q3", "mini_batch", "kept", "seq-mean-token-mean", 1024),
+    ("divergence", "mini_batch", "all", "seq-mean-token-mean", 1024),
+    # rows longer than a chunk: per rollout, a scoring pass then a gradient pass (not one fused pass)
+    ("soft_or", "rollout", "kept", "token-mean", 4),
+    ("q3", "rollout", "kept", "seq-mean-token-mean", 4),
 ]
 
 
-@pytest.mark.parametrize(("rule", "scope", "normalise", "agg"), CASES)
+@pytest.mark.parametrize(("rule", "scope", "normalise", "agg", "chunk_size"), CASES)
 def test_selected_token_gradient_equals_the_full_loss_with_dropped_weights_zero(
-    tiny_models, rule, scope, normalise, agg
+    tiny_models, rule, scope, normalise, agg, chunk_size
 ):
     student, teacher = tiny_models
     opd = build_opd_batch(rollout_batch(rows(TINY_VOCAB), weights=weights(7)), pad_token_id=0)
@@ -233,6 +236,7 @@ def test_selected_token_gradient_equals_the_full_loss_with_dropped_weights_zero(
         teacher_signal="hidden",
         vocab_size=TINY_VOCAB,
         loss_agg_mode=agg,
+        chunk_size=chunk_size,
         token_selection=TokenSelection(rule=rule, ratio=0.5, scope=scope, normalise=normalise),
     )
     reference, kept_N = reference_gradient(student, teacher, opd, config)
@@ -256,19 +260,33 @@ def test_selected_token_gradient_equals_the_full_loss_with_dropped_weights_zero(
 @pytest.mark.parametrize("rule", ["soft_or", "entropy", "random"])
 @pytest.mark.parametrize("scope", ["rollout", "mini_batch"])
 def test_the_gradient_pass_visits_the_kept_tokens_only(tiny_models, monkeypatch, scope, rule):
-    """The memory and time saving: rows through the output head with a gradient are the kept ones; the
-    teacher's side is scored for every token only by rules that rank by the divergence."""
+    """The saving: only kept tokens reach the gradient matmuls of the output head. Per rollout, a rule
+    ranking by the divergence scores and updates each chunk of whole rows in one pass (no recomputation);
+    entropy and random rules never compute the teacher's side for dropped tokens."""
     student, teacher = tiny_models
     opd = build_opd_batch(rollout_batch(rows(TINY_VOCAB), weights=weights(7)), pad_token_id=0)
-    visited = {"grad": 0, "scored": 0}
-    original = head_module._chunk
+    visited = {"grad": 0, "scored": 0, "fused": 0}
+    chunk, matmuls, fused = head_module._chunk, head_module._gradient_matmuls, head_module._fused_select
 
-    def counting(spec, hidden_N_H, head_V_H, bias_V, idx, div_N, entropy_N, grad_into, fkl_N=None):
-        n = len(range(hidden_N_H.shape[0])[idx]) if isinstance(idx, slice) else len(idx)
-        visited["grad" if grad_into is not None else "scored"] += n
-        return original(spec, hidden_N_H, head_V_H, bias_V, idx, div_N, entropy_N, grad_into, fkl_N)
+    def rows_of(hidden_N_H, idx):
+        return len(range(hidden_N_H.shape[0])[idx]) if isinstance(idx, slice) else len(idx)
 
-    monkeypatch.setattr(head_module, "_chunk", counting)
+    def counting_chunk(spec, hidden_N_H, head_V_H, bias_V, idx, div_N, entropy_N, grad_into, fkl_N=None):
+        if grad_into is None:
+            visited["scored"] += rows_of(hidden_N_H, idx)
+        return chunk(spec, hidden_N_H, head_V_H, bias_V, idx, div_N, entropy_N, grad_into, fkl_N)
+
+    def counting_matmuls(spec, grad_k_V, hidden_k_H, head_V_H, idx, grads):
+        visited["grad"] += hidden_k_H.shape[0]
+        return matmuls(spec, grad_k_V, hidden_k_H, head_V_H, idx, grads)
+
+    def counting_fused(spec, hidden_N_H, *args):
+        visited["fused"] += rows_of(hidden_N_H, args[2])
+        return fused(spec, hidden_N_H, *args)
+
+    monkeypatch.setattr(head_module, "_chunk", counting_chunk)
+    monkeypatch.setattr(head_module, "_gradient_matmuls", counting_matmuls)
+    monkeypatch.setattr(head_module, "_fused_select", counting_fused)
     config = OPDConfig(
         teacher_signal="hidden",
         vocab_size=TINY_VOCAB,
@@ -279,7 +297,12 @@ def test_the_gradient_pass_visits_the_kept_tokens_only(tiny_models, monkeypatch,
     metrics = run_step(student, teacher, optimizer, opd, config, settings)
     n_tokens = int(opd.target_mask_B_L.sum())
     kept = round(metrics["opd/selected_token_fraction"] * n_tokens)
-    assert visited == {"grad": kept, "scored": n_tokens if rule == "soft_or" else 0}
+    divergence_ranked = rule == "soft_or"
+    assert visited == {
+        "grad": kept,
+        "scored": n_tokens if divergence_ranked and scope == "mini_batch" else 0,  # the scoring forward
+        "fused": n_tokens if divergence_ranked and scope == "rollout" else 0,
+    }
     assert kept < 0.3 * n_tokens + 7  # at most one extra per rollout over floor(0.2 x len)
 
 

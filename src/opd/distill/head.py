@@ -38,9 +38,12 @@ from opd.distill.teacher_signal import TeacherSignal
 # a rule ranking by entropy needs no more); none: nothing (a rule that needs no values, e.g. random)
 SCORES = ("full", "entropy", "none")
 
-# a token-selection rule: (div_N, entropy_N, fkl_N or None) of every target token -> a factor per token (0
-# drops it), or None to keep them all
-Selector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor | None]
+# a token-selection rule: (div_N, entropy_N, fkl_N or None, group_N or None) of a set of target tokens -> a
+# factor per token (0 drops it), or None to keep them all. With ``group_N`` (each token's row) the rule may
+# be called once per chunk of whole rows, so it must rank each row among its own tokens.
+Selector = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor | None
+]
 
 
 @dataclass
@@ -66,6 +69,7 @@ class _Spec:
     want_fkl: bool
     skip_zero_coef: bool
     score: str
+    group_N: torch.Tensor | None
 
 
 def head_divergence(
@@ -80,6 +84,7 @@ def head_divergence(
     want_fkl: bool = False,
     skip_zero_coef: bool = False,
     score: str = "full",
+    group_N: torch.Tensor | None = None,
     beta: float = 0.5,
     chunk_size: int = 1024,
     vocab_size: int | None = None,
@@ -93,7 +98,11 @@ def head_divergence(
     with ``skip_zero_coef``: their divergence and entropy stay 0). ``want_fkl``: also each token's forward
     KL from the same pass (the scoring pass's, with a rule). ``score`` (SCORES): what the scoring pass, or a
     pass without gradients, computes for every token; tokens it leaves out get 0 (the gradient pass still
-    gives the kept tokens' divergence and entropy).
+    gives the kept tokens' divergence and entropy). ``group_N`` (each token's row, rows contiguous): a
+    ``select`` rule that ranks each row among its own tokens; with ``score="full"`` and every row within
+    ``chunk_size`` tokens the scoring and the gradient then share one pass (``_fused_select``): each chunk
+    of whole rows gets its logits, divergences and their gradient once, the rule picks the kept tokens from
+    them, and the two gradient matmuls run for those only (no recomputation of logits or teacher).
     ``vocab_size`` compares the first V columns (the tokenizer's); head rows beyond it get zero gradient.
     """
     if hidden_N_H.ndim != 2 or weight_W_H.ndim != 2 or hidden_N_H.shape[1] != weight_W_H.shape[1]:
@@ -129,6 +138,7 @@ def head_divergence(
         want_fkl,
         skip_zero_coef,
         score,
+        group_N,
     )
     loss, div_N, entropy_N, selected_N, fkl_N = _HeadDivergenceFn.apply(hidden_N_H, weight_W_H, bias_W, spec)
     return HeadDivergence(
@@ -151,6 +161,34 @@ class _HeadDivergenceFn(torch.autograd.Function):
         rows_N = torch.arange(n, device=device)
         if spec.skip_zero_coef:
             rows_N = coef_N.nonzero().flatten()
+        fused = (
+            _row_chunks(spec) if spec.select is not None and spec.score == "full" and spec.need_grad else None
+        )
+        if fused is not None:  # scoring and gradient in one pass per chunk of whole rows
+            grads = (
+                torch.zeros_like(hidden_N_H),
+                torch.zeros_like(weight_W_H),
+                None if bias_W is None else torch.zeros_like(bias_W),
+            )
+            for idx in fused:
+                _fused_select(
+                    spec,
+                    hidden_N_H,
+                    head_V_H,
+                    bias_V,
+                    idx,
+                    coef_N,
+                    grads,
+                    div_N,
+                    entropy_N,
+                    selected_N,
+                    fkl_N,
+                )
+            coef_N = coef_N * selected_N
+            loss = (coef_N * div_N).sum()
+            ctx.grads = grads
+            ctx.mark_non_differentiable(div_N, entropy_N, selected_N, fkl_N)
+            return loss, div_N, entropy_N, selected_N, fkl_N
         if spec.select is not None:  # scoring pass: every token's divergence and entropy, no gradient
             for idx in _chunks(rows_N, spec.chunk_size) if spec.score != "none" else ():
                 if spec.score == "entropy":
@@ -158,7 +196,12 @@ class _HeadDivergenceFn(torch.autograd.Function):
                 else:
                     _chunk(spec, hidden_N_H, head_V_H, bias_V, idx, div_N, entropy_N, None, fkl_into)
             fkl_into = None  # the gradient pass leaves the scores as they are
-            factor_N = spec.select(div_N.clone(), entropy_N.clone(), fkl_N.clone() if spec.want_fkl else None)
+            factor_N = spec.select(
+                div_N.clone(),
+                entropy_N.clone(),
+                fkl_N.clone() if spec.want_fkl else None,
+                None if spec.group_N is None else spec.group_N.to(device),
+            )
             if factor_N is not None:
                 selected_N = factor_N.detach().to(device, torch.float32)
                 if selected_N.shape != (n,):
@@ -239,12 +282,83 @@ def _chunk(spec: _Spec, hidden_N_H, head_V_H, bias_V, idx, div_N, entropy_N, gra
         fkl_N[idx] = fkl_c.float()
     if not need_grad:
         return
-    coef_N, (grad_hidden_N_H, grad_weight_W_H, grad_bias_W) = grad_into
+    coef_N, grads = grad_into
     grad_c_V.mul_((coef_N[idx] * row_scale_c).to(grad_c_V.dtype)[:, None])
-    grad_hidden_N_H[idx] = grad_c_V @ head_V_H
-    grad_weight_W_H[: spec.vocab].addmm_(grad_c_V.t(), hidden_c_H)
+    _gradient_matmuls(spec, grad_c_V, hidden_c_H, head_V_H, idx, grads)
+
+
+def _gradient_matmuls(spec: _Spec, grad_k_V, hidden_k_H, head_V_H, idx, grads) -> None:
+    """The gradients wrt the hidden rows ``idx`` and the head from their logits' gradient rows."""
+    grad_hidden_N_H, grad_weight_W_H, grad_bias_W = grads
+    grad_hidden_N_H[idx] = grad_k_V @ head_V_H
+    grad_weight_W_H[: spec.vocab].addmm_(grad_k_V.t(), hidden_k_H)
     if grad_bias_W is not None:
-        grad_bias_W[: spec.vocab].add_(grad_c_V.sum(0))
+        grad_bias_W[: spec.vocab].add_(grad_k_V.sum(0))
+
+
+def _row_chunks(spec: _Spec) -> list[slice] | None:
+    """Consecutive runs of whole rows of at most ``chunk_size`` tokens; None when rows are not given or one
+    is longer than a chunk (its tokens could not be ranked within one chunk)."""
+    if spec.group_N is None:
+        return None
+    group_N = spec.group_N.cpu()
+    n = group_N.shape[0]
+    if n == 0:
+        return []
+    starts = [0, *(torch.nonzero(group_N[1:] != group_N[:-1]).flatten() + 1).tolist()]
+    bounds = [*starts, n]
+    lengths = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+    if max(lengths) > spec.chunk_size or len(set(group_N.tolist())) != len(starts):  # long or split rows
+        return None
+    chunks, first, size = [], 0, 0
+    for start, length in zip(starts, lengths, strict=True):
+        if size and size + length > spec.chunk_size:
+            chunks.append(slice(first, start))
+            first, size = start, 0
+        size += length
+    chunks.append(slice(first, n))
+    return chunks
+
+
+def _fused_select(
+    spec, hidden_N_H, head_V_H, bias_V, idx, coef_N, grads, div_N, entropy_N, selected_N, fkl_N
+):
+    """One chunk of whole rows: logits, divergence, entropy and the divergence's gradient for every token
+    (what the all-token path computes), the selector's kept tokens from them, then the gradient matmuls for
+    the kept rows only (the logits' gradient rows of kept tokens moved to the front of their buffer)."""
+    hidden_c_H = hidden_N_H[idx]
+    logits_c_V = F.linear(hidden_c_H, head_V_H, bias_V)
+    plan = _plan(
+        logits_c_V, spec.teacher.slice(idx), spec.kind, spec.beta, logits_c_V.shape[0], None, spec.vocab
+    )
+    plan.need_grad = plan.overwrite = True  # the chunk's logits are ours: the gradient goes into them
+    fkl_c = (
+        torch.zeros(logits_c_V.shape[0], dtype=plan.compute_dtype, device=div_N.device)
+        if spec.want_fkl
+        else None
+    )
+    div_c, entropy_c, grad_c_V, row_scale_c = _compute(plan, True, fkl_c)
+    div_N[idx], entropy_N[idx] = div_c.float(), entropy_c.float()
+    if fkl_c is not None:
+        fkl_N[idx] = fkl_c.float()
+    factor_c = spec.select(
+        div_c.float(),
+        entropy_c.float(),
+        None if fkl_c is None else fkl_c.float(),
+        spec.group_N[idx].to(div_N.device),
+    )
+    if factor_c is not None:
+        selected_N[idx] = factor_c.detach().to(selected_N.device, torch.float32)
+    coef_c = coef_N[idx] * selected_N[idx]
+    keep = coef_c.nonzero().flatten()
+    for j, src in enumerate(keep.tolist()):  # compact in place: j <= src, so no row is overwritten unread
+        if j != src:
+            grad_c_V[j].copy_(grad_c_V[src])
+    k = keep.shape[0]
+    if k == 0:
+        return
+    grad_k_V = grad_c_V[:k].mul_((coef_c[keep] * row_scale_c[keep]).to(grad_c_V.dtype)[:, None])
+    _gradient_matmuls(spec, grad_k_V, hidden_c_H[keep], head_V_H, idx.start + keep, grads)
 
 
 _ENTROPY_ROWS = 64  # rows of a chunk's logits softmaxed at once (two fp32 temporaries of rows x V)

@@ -384,6 +384,9 @@ def student_phase(
                     device,
                     skip_zero_coef=scored is not None,
                     score=sel.score if select is not None and select_tokens is None else "full",
+                    # the configured rule ranks each row among its own tokens: chunks of whole rows may be
+                    # scored and updated in one pass (a custom hook sees the whole micro-batch)
+                    group_N=mb.token_row_N if select is not None and select_tokens is None else None,
                 )
                 if mb.padding:
                     continue
@@ -469,14 +472,17 @@ def _sample(rows_P_3: torch.Tensor, sel, step: int, mb: PackedMicroBatch | None)
     return rows_P_3.cpu()[pick]
 
 
-def _configured_rule(opd_config, vocab, mb, generator, div_N, entropy_N, fkl_N) -> torch.Tensor:
-    """``opd.token_selection``'s rule per rollout: each row of the micro-batch keeps its top tokens."""
+def _configured_rule(opd_config, vocab, mb, generator, div_N, entropy_N, fkl_N, group_N=None) -> torch.Tensor:
+    """``opd.token_selection``'s rule per rollout: each row (of the micro-batch, or of the chunk of whole
+    rows it is called with) keeps its top tokens."""
     sel = opd_config.token_selection
-    group_N = mb.token_row_N.to(div_N.device)
+    group_N = (mb.token_row_N if group_N is None else group_N).to(div_N.device)
     return select(sel, entropy_N, div_N, fkl_N, vocab, group_N=group_N, generator=generator).float()
 
 
-def _select_in(select_tokens: TokenSelector, div_N, entropy_N, fkl_N, *, mb: PackedMicroBatch, step: int):
+def _select_in(
+    select_tokens: TokenSelector, div_N, entropy_N, fkl_N, _group_N, *, mb: PackedMicroBatch, step: int
+):
     return select_tokens(div_N, entropy_N, mb, step)
 
 
@@ -557,6 +563,7 @@ def _micro_step(
     skip_zero_coef=False,
     want_fkl=None,
     score="full",
+    group_N=None,
 ) -> HeadDivergence:
     """One student forward whose output head computes the fused divergence, and its backward (none under
     ``torch.no_grad``: a scoring forward)."""
@@ -576,6 +583,7 @@ def _micro_step(
             want_fkl=want_fkl,
             skip_zero_coef=skip_zero_coef,
             score=score,
+            group_N=group_N,
             beta=opd_config.beta,
             chunk_size=opd_config.chunk_size,
             vocab_size=opd_config.vocab_size,
