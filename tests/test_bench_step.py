@@ -26,3 +26,19 @@ def test_bench_step_compares_the_packed_and_padded_steps(tmp_path, capsys):
     assert signals["logits"]["bytes_per_token"] == 2 * 151_936 and signals["sampled"]["bytes_per_token"] == 8
     table = capsys.readouterr().out
     assert "logit rows per target token" in table and "new/padded" in table and "wrote" in table
+
+
+def test_bench_tip_measures_the_phase_and_its_parts_per_rule(tmp_path, capsys):
+    """``make bench-tip`` at toy sizes: every token and one rule, each in its own process."""
+    from opd.bench.tip import main as tip_main
+
+    out = tmp_path / "tip.json"
+    tip_main([*TOY, "--rules", "random", "--ratios", "0.5", "--out", str(out)])
+    report = json.loads(out.read_text())
+    every, random_half = report["results"]
+    assert (every["rule"], random_half["rule"]) == ("all", "random")
+    assert every["kept_fraction"] == 1.0 and 0.4 <= random_half["kept_fraction"] <= 0.6
+    assert every["transformer_s"] > 0 and "transformer_s" not in random_half  # measured once
+    for r in (every, random_half):
+        assert r["phase_s"] > 0 and r["kept_s"] > 0 and r["head_grad_bytes"] == 151_936 * 64 * 4
+    assert "kept part" in capsys.readouterr().out

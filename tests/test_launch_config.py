@@ -82,8 +82,23 @@ def test_sweep_points_compose_for_their_experiment(sweep, model_env, tmp_path):
             verl = compose_verl_config(
                 verl_overrides(point, tmp_path), entry_module(point.experiment.entry).CONFIG_NAME
             )
-            dotted = key.removeprefix("++verl.")
-            assert str(verl_select(verl, dotted)) == str(_parsed(value))
+            if key.startswith("++verl."):
+                assert str(verl_select(verl, key.removeprefix("++verl."))) == str(_parsed(value))
+                continue
+            # a config group (e.g. token_selection): its file's verl values reach the verl side
+            from omegaconf import OmegaConf
+
+            group = OmegaConf.to_container(OmegaConf.load(Path(CONFIGS) / key / f"{value}.yaml"))
+            for dotted, expected in _leaves(group["verl"]):
+                assert str(verl_select(verl, dotted)) == str(expected), (key, value, dotted)
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value
 
 
 def verl_select(config, dotted: str):
