@@ -331,10 +331,11 @@ def student_phase(
     """Phase 2 (module doc): ``ppo_epochs`` passes over the mini-batches, one optimizer step each. The
     teacher signal serves every pass: it depends on the rollout tokens only.
 
-    Token selection (``opd.token_selection``, ``opd.distill.selection``): per rollout, the output head's
-    scoring pass ranks each micro-batch's tokens before its gradient pass; per mini-batch, a no-grad
-    scoring forward of the mini-batch's micro-batches comes first. ``select_tokens`` (a worker hook) replaces
-    the configured rule with its own factors."""
+    Token selection (``opd.token_selection``, ``opd.distill.selection``): per rollout, the output head
+    ranks each row's tokens (in one pass per chunk of whole rows for divergence-ranked rules, else a
+    scoring pass first) and runs the gradient for kept tokens only; per mini-batch, a no-grad scoring
+    forward of the mini-batch's micro-batches comes first. ``select_tokens`` (a worker hook) replaces the
+    configured rule with its own factors."""
     collectives = collectives or Collectives()
     loss_type = loss_type or opd_config.loss_type
     clip_and_step = clip_and_step or (lambda: default_clip_and_step(student, optimizer, settings.grad_clip))
@@ -351,13 +352,25 @@ def student_phase(
         div_before, tokens_before = totals["div"], totals["div_tokens"]
         for m, micro in enumerate(plan.minis):
             optimizer.zero_grad()
+            # moved to the device one micro-batch at a time (a logits signal is tokens x V)
             signals = [
-                _on_device(signal, head_weight, head_bias, device) for signal in teacher_out.signals[m]
+                functools.partial(_on_device, signal, head_weight, head_bias, device)
+                for signal in teacher_out.signals[m]
             ]
             normaliser, counted_B, scored = plan.normaliser_M[m], None, None
             if sel.active and sel.scope == "mini_batch" and select_tokens is None:
                 scored, kept_normaliser, counted_B = _score_mini_batch(
-                    student, micro, signals, opd, opd_config, loss_type, vocab, step, collectives, device
+                    student,
+                    micro,
+                    signals,
+                    opd,
+                    opd_config,
+                    loss_type,
+                    vocab,
+                    step,
+                    epoch,
+                    collectives,
+                    device,
                 )
                 normaliser = normaliser if kept_normaliser is None else kept_normaliser
             for i, (mb, signal) in enumerate(zip(micro, signals, strict=True)):
@@ -368,7 +381,7 @@ def student_phase(
                 elif select_tokens is not None:
                     select = functools.partial(_select_in, select_tokens, mb=mb, step=step)
                 elif scored is not None:
-                    coef_N = coef_N * scored[i].selected_N
+                    coef_N = coef_N.to(device) * scored[i].selected_N.to(device)
                 elif sel.active:
                     select = functools.partial(
                         _configured_rule, opd_config, vocab, mb, _generator(sel.seed, step, epoch, mb)
@@ -376,7 +389,7 @@ def student_phase(
                 r = _micro_step(
                     student,
                     mb,
-                    signal,
+                    signal(),
                     coef_N.to(device),
                     select,
                     loss_type,
@@ -486,7 +499,9 @@ def _select_in(
     return select_tokens(div_N, entropy_N, mb, step)
 
 
-def _score_mini_batch(student, micro, signals, opd, opd_config, loss_type, vocab, step, collectives, device):
+def _score_mini_batch(
+    student, micro, signals, opd, opd_config, loss_type, vocab, step, epoch, collectives, device
+):
     """``mini_batch`` scope: a no-grad forward of every micro-batch scores its tokens; this rank's
     mini-batch keeps its top floor(ratio x tokens). Returns each micro-batch's scores (``selected_N``: the
     kept tokens, 1/0), the mini-batch's global normaliser and the kept tokens per row (for
@@ -498,14 +513,14 @@ def _score_mini_batch(student, micro, signals, opd, opd_config, loss_type, vocab
             if mb.padding:
                 scored.append(None)
             elif sel.score == "none":  # a rule that needs no values (random): no scoring forward
-                zeros_N = torch.zeros(mb.num_targets)
+                zeros_N = torch.zeros(mb.num_targets, device=device)
                 scored.append(HeadDivergence(zeros_N.sum(), zeros_N, zeros_N.clone(), None, None, "none"))
             else:
                 scored.append(
                     _micro_step(
                         student,
                         mb,
-                        signal,
+                        signal(),
                         None,
                         None,
                         loss_type,
@@ -526,7 +541,7 @@ def _score_mini_batch(student, micro, signals, opd, opd_config, loss_type, vocab
             torch.cat([r.div_N for r in real]),
             None if fkl is None else torch.cat(fkl),
             vocab,
-            generator=_generator(sel.seed, step, 0, micro[0]),
+            generator=_generator(sel.seed, step, epoch, micro[0]),
         )
         rows_N = torch.cat([mb.token_row_N for mb in micro if not mb.padding])
         counted_B.index_add_(0, rows_N, kept_N.float().cpu())
@@ -534,10 +549,9 @@ def _score_mini_batch(student, micro, signals, opd, opd_config, loss_type, vocab
         for r in real:
             r.selected_N = kept_N[offsets : offsets + len(r.div_N)].float()
             offsets += len(r.div_N)
-        all_rows_N = torch.cat([mb.token_row_N for mb in micro if not mb.padding])
         if sel.normalise == "kept":
             if opd_config.loss_agg_mode == "token-mean":
-                local = float(weights_B[all_rows_N.cpu()][kept_N.cpu()].sum())
+                local = float(weights_B[rows_N.cpu()][kept_N.cpu()].sum())
             else:
                 local = float(weights_B[counted_B > 0].sum())
     if sel.normalise == "kept":
