@@ -212,10 +212,12 @@ def _gib(b: float) -> str:
     return f"{b / 2**30:.2f} GiB"
 
 
-def parse(argv):
-    parser = argparse.ArgumentParser(prog="python -m opd.bench.step", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--rows", type=int, default=16, help="rollout rows (one mini-batch)")
-    parser.add_argument("--micro-rows", type=int, default=4, help="rows per micro-batch, both paths")
+def step_arguments(prog: str, description: str, *, rows: int, chunk_size: int, chunk_help: str, out: str):
+    """The options of a benchmark of the real step (model pair, rows, signal, device); ``parse_step_args``
+    finishes them."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--rows", type=int, default=rows, help="rollout rows (one mini-batch)")
+    parser.add_argument("--micro-rows", type=int, default=4, help="rows per micro-batch")
     parser.add_argument("--response-median", type=int, default=200, help="median response tokens")
     parser.add_argument("--response-max", type=int, default=1024, help="longest response (the clip)")
     parser.add_argument("--student-hidden", type=int, default=512)
@@ -223,20 +225,36 @@ def parse(argv):
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--loss-type", default="reverse_kl")
     parser.add_argument("--signal", default="hidden", choices=SIGNALS, help="the signal of the timed step")
-    parser.add_argument("--chunk-size", type=int, default=256, help="the opd recipe's")
+    parser.add_argument("--chunk-size", type=int, default=chunk_size, help=chunk_help)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument(
         "--dtype", default=None, help="model dtype (default: float32 on CPU, bfloat16 on CUDA)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("outputs/bench/step.json"))
+    parser.add_argument("--out", type=Path, default=Path(out))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_step_args(parser, argv):
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
     return args
+
+
+def parse(argv):
+    parser = step_arguments(
+        "python -m opd.bench.step",
+        __doc__.split("\n\n")[1],
+        rows=16,
+        chunk_size=256,
+        chunk_help="the opd recipe's",
+        out="outputs/bench/step.json",
+    )
+    return parse_step_args(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,11 +306,16 @@ def main(argv: list[str] | None = None) -> int:
         == 2 * args.teacher_hidden,
     }
     print()
+    return report_checks(args, lengths, results, checks)
+
+
+def report_checks(args, lengths, results, checks: dict[str, bool]) -> int:
+    """Print the checks, write the JSON report; exit status 1 when a check failed."""
     for text, ok in checks.items():
         print(f"[{'ok' if ok else 'FAIL'}] {text}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "args": {k: v for k, v in vars(args).items() if k != "out" and k != "child"},
+        "args": {k: v for k, v in vars(args).items() if k not in ("out", "child")},
         "lengths": lengths,
         "results": results,
         "checks": checks,

@@ -25,18 +25,26 @@ few hundred tokens per micro-batch here). Prints a table with ratios to ``all`` 
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from opd.bench import run_child
-from opd.bench.step import VOCAB, _gib, _phase, build_models, opd_batch, row_lengths
-from opd.distill.config import SIGNALS, OPDConfig, TokenSelection
+from opd.bench.step import (
+    VOCAB,
+    _gib,
+    _phase,
+    build_models,
+    opd_batch,
+    parse_step_args,
+    report_checks,
+    row_lengths,
+    step_arguments,
+)
+from opd.distill.config import OPDConfig, TokenSelection
 from opd.distill.head import head_divergence, output_head_replaced
 from opd.distill.selection import select
 from opd.distill.step import (
@@ -168,32 +176,17 @@ def _transformer_pass(student, mb, device) -> None:
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(prog="python -m opd.bench.tip", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--rows", type=int, default=8, help="rollout rows (one mini-batch)")
-    parser.add_argument("--micro-rows", type=int, default=4, help="rows per micro-batch")
-    parser.add_argument("--response-median", type=int, default=200, help="median response tokens")
-    parser.add_argument("--response-max", type=int, default=1024, help="longest response (the clip)")
-    parser.add_argument("--student-hidden", type=int, default=512)
-    parser.add_argument("--teacher-hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--loss-type", default="reverse_kl")
-    parser.add_argument("--signal", default="hidden", choices=SIGNALS)
-    parser.add_argument("--chunk-size", type=int, default=1024, help="opd.chunk_size (the trainer's default)")
+    parser = step_arguments(
+        "python -m opd.bench.tip",
+        __doc__.split("\n\n")[1],
+        rows=8,
+        chunk_size=1024,
+        chunk_help="opd.chunk_size (the trainer's default)",
+        out="outputs/bench/tip.json",
+    )
     parser.add_argument("--rules", default="entropy,soft_or,q3,random")
     parser.add_argument("--ratios", default="0.5,0.2")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument(
-        "--dtype", default=None, help="model dtype (default: float32 on CPU, bfloat16 on CUDA)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("outputs/bench/tip.json"))
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.dtype is None:
-        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
-    return args
+    return parse_step_args(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,18 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         checks[f"{name}: phase time <= all ({rel['phase_s']:.2f})"] = rel["phase_s"] <= 1.0
         checks[f"{name}: phase peak <= all ({rel['phase_peak_bytes']:.2f})"] = rel["phase_peak_bytes"] <= 1.0
     print()
-    for text, ok in checks.items():
-        print(f"[{'ok' if ok else 'FAIL'}] {text}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "args": {k: v for k, v in vars(args).items() if k not in ("out", "child")},
-        "lengths": lengths,
-        "results": results,
-        "checks": checks,
-    }
-    args.out.write_text(json.dumps(report, indent=2, default=str))
-    print(f"wrote {args.out}")
-    return 0 if all(checks.values()) else 1
+    return report_checks(args, lengths, results, checks)
 
 
 if __name__ == "__main__":
