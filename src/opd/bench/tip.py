@@ -58,7 +58,7 @@ from opd.distill.step import (
 
 # acceptance: the kept part's cost (time and peak) relative to every token's, at each kept fraction
 TARGETS = {0.5: 0.6, 0.2: 0.3}
-NOISE = 0.03  # repeated measurements of one configuration on a shared 2-core machine differ by about this
+NOISE = 0.03  # tolerance for the noise of a single measurement on a shared machine
 
 
 def run_config(args, rule: str, ratio: float) -> dict:
