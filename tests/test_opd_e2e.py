@@ -1,11 +1,13 @@
 """CPU end-to-end OPD through Ray, the OPD worker (teacher = verl's ref role) and the ``hf`` rollout.
 
-Three runs, each serving every assertion it can (module fixtures):
+Four runs, each serving every assertion it can (module fixtures):
 - ``bash jobs/train_opd.sh`` exactly as the original repository's users run it: the ``opd`` recipe's own
   settings, overriding only paths and sizes (so a recipe that verl rejects fails here);
 - ``python -m opd.main_opd``: forward KL from the teacher's hidden states, reward-weighted, 2 samples per
   prompt, 2 mini-batches and 2 epochs per step, a checkpoint;
-- the same entry with JSD from the teacher's top-k, weighting off.
+- the same entry with JSD from the teacher's top-k, weighting off, Soft-OR token selection;
+- self-distillation (the teacher a frozen copy of the student, the answer in its prompt), PACED weighting over
+  4 samples per prompt, forward KL then reverse KL.
 Reverse KL with ``sampled`` and ``topk`` runs in the SLURM sweep (test_slurm_launch.py), resuming from a
 checkpoint in its requeued job.
 """
@@ -211,7 +213,7 @@ def test_reward_weighting_on_weights_rewarded_samples_up(weighted_run):
     mixed = [d for d in steps.values() if d["critic/score/max"] > d["critic/score/min"]]
     assert mixed, "no step had both rewarded and unrewarded samples: the weighting was never exercised"
     for data in mixed:  # softmax(r / 0.5) * B: below 1 for the unrewarded, above 1 for the rewarded
-        assert data["opd/reward_weight_min"] < 1.0 < data["opd/reward_weight_max"], data
+        assert data["opd/sample_weight_min"] < 1.0 < data["opd/sample_weight_max"], data
 
 
 # --- JSD from the teacher's top-k, weighting off, Soft-OR token selection ---------------------------------
@@ -249,7 +251,7 @@ def test_jsd_from_the_teachers_topk_trains_and_moves_the_student_toward_the_teac
 
 def test_reward_weighting_off_leaves_every_weight_at_one(topk_run):
     for data in topk_run[1].values():
-        assert data["opd/reward_weight_min"] == data["opd/reward_weight_max"] == 1.0
+        assert data["opd/sample_weight_min"] == data["opd/sample_weight_max"] == 1.0
 
 
 def test_soft_or_keeps_half_the_tokens_and_reports_the_quadrants(topk_run):
@@ -267,3 +269,63 @@ def test_soft_or_keeps_half_the_tokens_and_reports_the_quadrants(topk_run):
 
     assert tip_main(["plot", str(run_dir)]) == 0
     assert (run_dir / "token_quadrants.png").stat().st_size > 10_000
+
+
+# --- PACED weighting, forward-then-reverse KL schedule, self-distillation with the answer in context ------
+
+
+@pytest.fixture(scope="module")
+def paced_self_run(tiny_assets, tmp_path_factory) -> tuple[Path, dict[int, dict]]:
+    """The tiny student distilled from a frozen copy of itself whose prompt carries the reference answer,
+    PACED-weighted over rollout.n=4 samples, forward KL for the first half of training then reverse KL."""
+    run_dir = tmp_path_factory.mktemp("opd_paced_self")
+    steps = opd_run(
+        tiny_assets,
+        run_dir,
+        2,
+        "opd.teacher=self",
+        "opd.teacher_path=null",
+        "opd.teacher_context.field=reward_model.ground_truth",
+        "opd.sample_weighting.method=paced",
+        "actor_rollout_ref.rollout.n=4",
+        "opd.loss_type=reverse_kl",
+        "opd.schedule.stages=[{loss_type:forward_kl,until:0.5},{loss_type:reverse_kl}]",
+        # pass rates 1, 0 and mixed in every batch (tests/rewards/by_prompt.py says why)
+        f"reward.custom_reward_function.path={Path(__file__).parent / 'rewards' / 'by_prompt.py'}",
+    )
+    return run_dir, steps
+
+
+def test_schedule_switches_from_forward_to_reverse_kl_mid_run(paced_self_run):
+    _, steps = paced_self_run
+    assert sorted(steps) == [1, 2]
+    logged = {s: [t for t in LOSS_TYPES if f"opd/divergence/{t}" in d] for s, d in steps.items()}
+    assert logged == {1: ["forward_kl"], 2: ["reverse_kl"]}
+    assert [steps[s]["opd/schedule/stage"] for s in (1, 2)] == [0, 1]
+
+
+def test_paced_drops_prompts_solved_always_or_never_before_the_teacher(paced_self_run):
+    _, steps = paced_self_run
+    for data in steps.values():
+        assert data["paced/prompts"] == 8 and data["paced/pass_rate/1"] > 0 and data["paced/pass_rate/0"] > 0
+        dropped = 32 - data["paced/kept_rows"]
+        assert data["opd/rows_skipped_zero_weight"] == dropped > 0
+        assert data["opd/teacher_tokens_saved"] > 0  # neither model ran on the dropped rows
+        assert data["opd/rows"] == data["paced/kept_rows"]
+        shares = [data[f"paced/pass_rate/{b}"] for b in ("0", "0-25", "25-50", "50-75", "75-100", "1")]
+        assert sum(shares) == pytest.approx(1.0)
+    kept = [d for d in steps.values() if d["paced/kept_rows"] > 0]
+    assert kept, "no prompt was solved sometimes: the weighting was never exercised"
+    for data in kept:  # mean 1 over the kept rows: the loss keeps the unweighted scale
+        assert data["opd/sample_weight_min"] == 0.0 < data["opd/sample_weight_max"]
+        assert data["opd/optimizer_steps"] >= 1
+
+
+def test_self_distillation_teacher_sees_the_answer_and_reports_its_metrics(paced_self_run):
+    run_dir, steps = paced_self_run
+    for data in steps.values():
+        if data["opd/rows"]:  # the teacher's prompt is longer by the template and the answer, on every row
+            assert data["opd/teacher_prompt_extra_tokens"] >= 5 * data["opd/rows"]
+            assert data["opd/divergence"] > 0  # a frozen copy of the student differs once it sees the answer
+    log = (run_dir / "train.log").read_text()
+    assert "may differ from the student's" not in log  # the plain prompt renders as the rollout's did

@@ -1,6 +1,7 @@
 """Two ranks (gloo process group, FSDP2-sharded student and teacher, as verl shards them) running the
 Ray-free step on different rows: ranks that drop different numbers of rows (an overlong row, a tool-only
-row), and a rank left with no row at all. Both finish (a hang fails the test at its deadline), and the
+row), a rank left with no row at all, and PACED weights computed over the whole batch on the driver (a
+prompt's samples on both ranks, rows of weight 0 dropped). Both finish (a hang fails the test at its deadline), and the
 gradient of every optimizer step equals the one-rank step's on the same kept rows: the passes line up, the
 normaliser is global, and FSDP's averaging is undone by the loss scale."""
 
@@ -36,7 +37,7 @@ def rank_rows(rank: int, case: str) -> list:
 
     if rank == 0:
         return [row(3, 5), row(4, 40), row(2, 6, tool=True), row(5, 9)]
-    if case == "uneven":
+    if case in ("uneven", "paced"):
         return [row(2, 3), row(6, 8), row(3, 12), row(4, 4)]
     return [row(3, 40), row(2, 5, tool=True), row(6, 30), row(2, 4, tool=True)]
 
@@ -51,7 +52,18 @@ def opd_batch(batch_rows, sample_weights):
     )
 
 
-def weights_of(rank: int) -> list[float]:
+# 'paced': the driver's batch is rank 0's rows then rank 1's; prompts a, b have samples on both ranks, c's
+# are always solved (weight 0: global rows 2 and 5 are dropped before the teacher)
+PACED_UIDS = ["a", "b", "c", "a", "b", "c", "a", "b"]
+PACED_SCORES = [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0]  # p(a) = 1/3, p(b) = 2/3
+
+
+def weights_of(rank: int, case: str = "uneven") -> list[float]:
+    if case == "paced":
+        from opd.distill.weights import pass_rate_weights
+
+        weights_B = pass_rate_weights(torch.tensor(PACED_SCORES), PACED_UIDS, alpha=2.0, beta=1.0)
+        return weights_B[4 * rank : 4 * rank + 4].tolist()
     return [1.0 + rank + 0.5 * i for i in range(4)]
 
 
@@ -90,7 +102,7 @@ def rank_main(rank: int, port: int, case: str, mode: str, tiny: str, out: str) -
         fully_shard(model, mesh=mesh)
         models.append(model)
     config = OPDConfig(teacher_signal="hidden", vocab_size=VOCAB, loss_agg_mode=mode)
-    opd = opd_batch(rank_rows(rank, case), weights_of(rank))
+    opd = opd_batch(rank_rows(rank, case), weights_of(rank, case))
     grads, metrics = step_grads(*models, opd, config, SETTINGS, 4, lambda g: g.full_tensor())
     torch.save({"grads": grads, "metrics": metrics, "kept": opd.kept_rows}, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
@@ -109,7 +121,12 @@ def one_rank_reference(tiny_assets, case: str, mode: str) -> tuple[list, dict]:
 
     per_rank = [rank_rows(r, case) for r in (0, 1)]
     batch_rows = per_rank[0][0:2] + per_rank[1][0:2] + per_rank[0][2:4] + per_rank[1][2:4]
-    w = weights_of(0)[0:2] + weights_of(1)[0:2] + weights_of(0)[2:4] + weights_of(1)[2:4]
+    w = (
+        weights_of(0, case)[0:2]
+        + weights_of(1, case)[0:2]
+        + weights_of(0, case)[2:4]
+        + weights_of(1, case)[2:4]
+    )
     opd = opd_batch(batch_rows, w)
     models = [
         AutoModelForCausalLM.from_pretrained(tiny_assets / n, dtype=torch.float32)
@@ -121,7 +138,10 @@ def one_rank_reference(tiny_assets, case: str, mode: str) -> tuple[list, dict]:
 
 
 @pytest.mark.timeout(DEADLINE_S + 30)
-@pytest.mark.parametrize(("case", "mode"), [("uneven", "token-mean"), ("empty_rank", "seq-mean-token-mean")])
+@pytest.mark.parametrize(
+    ("case", "mode"),
+    [("uneven", "token-mean"), ("empty_rank", "seq-mean-token-mean"), ("paced", "token-mean")],
+)
 def test_two_ranks_finish_and_match_the_one_rank_step(tiny_assets, tmp_path, case, mode):
     context = multiprocessing.get_context("spawn")
     port = free_port()
@@ -144,7 +164,10 @@ def test_two_ranks_finish_and_match_the_one_rank_step(tiny_assets, tmp_path, cas
 
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert results[0]["kept"] == [0, 3]
-    assert results[1]["kept"] == ([0, 1, 2, 3] if case == "uneven" else [])
+    assert results[1]["kept"] == {"uneven": [0, 1, 2, 3], "empty_rank": [], "paced": [0, 2, 3]}[case]
+    if case == "paced":  # weights differ between the prompts, and the dropped row saved the teacher's tokens
+        assert len(set(weights_of(0, case)) - {0.0}) == 2
+        assert results[1]["metrics"]["opd/rows_skipped_zero_weight"] == 2  # summed over ranks: rows 2 and 5
     counts = [r["metrics"]["opd/micro_batches"] for r in results]
     assert counts[0] == counts[1]  # the same number of passes
     assert (

@@ -99,7 +99,8 @@ def test_missing_teacher_is_refused_before_ray_starts(tiny_assets, tmp_path):
     result = main_opd(overrides_without_teacher(tiny_assets, tmp_path / "run"))
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [
-        "error: no teacher: export TEACHER_MODEL_PATH=/path/to/teacher_model (or pass opd.teacher_path=...)"
+        "error: no teacher: export TEACHER_MODEL_PATH=/path/to/teacher_model (or pass opd.teacher_path=...), "
+        "or distill the student from itself with opd.teacher=self"
     ]
 
 
@@ -200,6 +201,10 @@ def test_teacher_head_wider_than_the_tokenizer_passes_the_start_up_checks(tiny_a
 )
 def test_bad_token_selection_is_refused_at_start_up_and_at_submission(tiny_assets, tmp_path, extra, expected):
     overrides = with_teacher(tiny_assets, tmp_path / "run", tiny_assets / "teacher", *extra)
+    assert_refused_at_start_up_and_at_submission(overrides, expected, tmp_path)
+
+
+def assert_refused_at_start_up_and_at_submission(overrides: list[str], expected: str, tmp_path: Path) -> None:
     assert_one_clear_error(main_opd(overrides), expected)
     # what `make submit` / `make sweep-*` run on the login node for every point before queueing it
     env = {k: v for k, v in os.environ.items() if k != "TEACHER_MODEL_PATH"}
@@ -211,3 +216,24 @@ def test_bad_token_selection_is_refused_at_start_up_and_at_submission(tiny_asset
     )
     assert composed.returncode == 2 and expected in composed.stderr, composed.stderr[-2000:]
     assert not (tmp_path / "out.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (
+            ["opd.sample_weighting.method=paced", "actor_rollout_ref.rollout.n=1"],
+            "set actor_rollout_ref.rollout.n >= 2",
+        ),
+        (
+            ["opd.teacher=self", "opd.teacher_context.field=extra_info.solution"],
+            "opd.teacher_context.field=extra_info.solution: 7000 of 7000 training rows have no value there",
+        ),
+        (["opd.teacher=self", "opd.teacher_path=/models/teacher"], "unset the path (opd.teacher_path=null"),
+    ],
+)
+def test_bad_paced_or_self_distillation_is_refused_at_start_up_and_at_submission(
+    tiny_assets, tmp_path, extra, expected
+):
+    overrides = [*overrides_without_teacher(tiny_assets, tmp_path / "run"), *extra]
+    assert_refused_at_start_up_and_at_submission(overrides, expected, tmp_path)

@@ -144,9 +144,9 @@ def bare_worker(cls, student, teacher) -> OPDActorRolloutRefWorker:
     return worker
 
 
-def update(worker, step: int = 0) -> dict:
+def update(worker, step: int = 0, total_steps: int | None = None, **opd) -> dict:
     batch = rollout_batch()
-    batch.meta_info.update(opd=dict(OPD_CONFIG), global_steps=step)
+    batch.meta_info.update(opd=dict(OPD_CONFIG, **opd), global_steps=step, total_steps=total_steps)
     return worker.update_actor_opd(batch).meta_info["metrics"]
 
 
@@ -235,7 +235,7 @@ def test_select_tokens_mask_gives_the_gradient_of_the_masked_loss(setup):
 class ForwardKLWorker(OPDActorRolloutRefWorker):
     """A divergence schedule hook: forward KL whatever opd.loss_type says."""
 
-    def divergence_at(self, step, opd_config):
+    def divergence_at(self, step, opd_config, total_steps=None):
         self.asked_at.append(step)
         return "forward_kl"
 
@@ -280,3 +280,17 @@ def test_the_student_keeps_its_tokenizer_after_the_teacher_is_built(monkeypatch)
     assert worker._build_model_optimizer("student", role="actor") == "student"
     assert worker._build_model_optimizer("teacher", role="ref") == "teacher"
     assert worker.tokenizer == "tokenizer of student"
+
+
+def test_the_default_divergence_follows_opd_schedule_by_the_step_of_the_trainer(setup):
+    """Forward KL for the first half of 4 steps, then reverse KL: the worker's default ``divergence_at``
+    reads the stage from the step and the total the trainer sends."""
+    _, _, _, teacher, student = setup
+    worker = bare_worker(OPDActorRolloutRefWorker, student, teacher)
+    schedule = {"stages": [{"loss_type": "forward_kl", "until": 0.5}, {"loss_type": "reverse_kl"}]}
+    logged = {}
+    for step in (1, 2, 3, 4):
+        metrics = update(worker, step=step, total_steps=4, schedule=schedule)
+        logged[step] = [t for t in ("forward_kl", "reverse_kl") if f"opd/divergence/{t}" in metrics]
+        assert metrics["opd/schedule/stage"] == (0 if step <= 2 else 1)
+    assert logged == {1: ["forward_kl"], 2: ["forward_kl"], 3: ["reverse_kl"], 4: ["reverse_kl"]}

@@ -36,12 +36,18 @@ def check_teacher(config: DictConfig) -> None:
     from opd.distill.losses import aligned_vocab_size
 
     opd = config.opd
-    if not opd.teacher_path:
-        raise InputError(
-            "no teacher: export TEACHER_MODEL_PATH=/path/to/teacher_model (or pass opd.teacher_path=...)"
-        )
-    teacher = resolve_model_dir(opd.teacher_path, "teacher", "TEACHER_MODEL_PATH / opd.teacher_path")
     student = config.actor_rollout_ref.model.path
+    if opd.get("teacher", "model") == "self":
+        # a frozen copy of the initial student: verl loads the same weights once more as the ref model, which
+        # the optimizer never touches (resumed runs too: model.path is the initial student)
+        teacher = student
+    elif not opd.teacher_path:
+        raise InputError(
+            "no teacher: export TEACHER_MODEL_PATH=/path/to/teacher_model (or pass opd.teacher_path=...), or "
+            "distill the student from itself with opd.teacher=self"
+        )
+    else:
+        teacher = resolve_model_dir(opd.teacher_path, "teacher", "TEACHER_MODEL_PATH / opd.teacher_path")
     student_tokenizer = AutoTokenizer.from_pretrained(student)
     teacher_tokenizer = AutoTokenizer.from_pretrained(teacher)
     if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
@@ -59,7 +65,8 @@ def check_teacher(config: DictConfig) -> None:
             "tokenizer, e.g. a teacher of the student's model family"
         ) from error
     with open_dict(config):
-        opd.teacher_path = teacher
+        if opd.get("teacher", "model") != "self":
+            opd.teacher_path = teacher
         opd.vocab_size = vocab_size
         ref = config.actor_rollout_ref.ref
         if ref.get("model") is None:
@@ -70,11 +77,34 @@ def check_teacher(config: DictConfig) -> None:
 CONFIG_NAME = "opd_trainer"
 
 
+def check_teacher_context(config: DictConfig, opd: OPDConfig) -> None:
+    """With ``opd.teacher_context.field``: every training row has that context (the reference the teacher's
+    prompt carries); refused before Ray starts, with the column and the count of rows that lack it."""
+    if not opd.teacher_context.active:
+        return
+    from opd.distill.context import MissingContextError, data_has_field
+
+    files = config.data.train_files
+    files = [files] if isinstance(files, str) else list(files)
+    field = opd.teacher_context.field
+    try:
+        total, missing = data_has_field(files, field)
+    except MissingContextError as error:
+        raise InputError(str(error)) from error
+    if missing:
+        raise InputError(
+            f"opd.teacher_context.field={field}: {missing} of {total} training rows have no value there; the "
+            "teacher's prompt needs a reference in every row (fill it in the data, or set "
+            "opd.teacher_context.field=null)"
+        )
+
+
 def check_config(config: DictConfig) -> None:
     """The typed OPD config, student, data and teacher: everything a run needs before Ray starts."""
-    check_opd(config)
+    opd = check_opd(config)
     check_inputs(config)
     check_teacher(config)
+    check_teacher_context(config, opd)
 
 
 @hydra.main(config_path="config", config_name=CONFIG_NAME, version_base=None)

@@ -19,6 +19,9 @@ from opd.distill.config import OVERLONG_POLICIES
 
 logger = logging.getLogger(__name__)
 
+# non-tensor column of the rollout batch: the teacher's prompt token ids per row (opd.teacher_context)
+TEACHER_PROMPTS = "opd_teacher_prompt_ids"
+
 
 @dataclass
 class OPDBatch:
@@ -34,6 +37,9 @@ class OPDBatch:
     sample_weight_B: torch.Tensor | None = None
     uids: list | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    # the teacher's rows when its prompts differ (opd.teacher_context): the same rows in the same order with
+    # the same response tokens and targets, after the teacher's own prompt
+    teacher_rows: OPDBatch | None = None
 
     def __len__(self) -> int:
         return self.input_ids_B_L.shape[0]
@@ -103,8 +109,15 @@ def _assemble(
     if n_rows == 0:
         raise ValueError("empty rollout batch: nothing to distill (check the data loader and rollout.n)")
     kept, kept_rows = [], []
-    n_truncated = n_skipped_long = n_skipped_no_target = 0
+    n_truncated = n_skipped_long = n_skipped_no_target = n_skipped_weight = tokens_saved = 0
+    weights_all = batch.batch["sample_weight"].float() if "sample_weight" in batch.batch.keys() else None
     for b, (prompt, response, mask) in enumerate(rows):
+        if weights_all is not None and float(weights_all[b]) == 0.0:
+            # weight 0 (e.g. a prompt the student always or never solves, opd.sample_weighting=paced): it adds
+            # nothing to the loss, so neither model runs on it
+            n_skipped_weight += 1
+            tokens_saved += len(prompt) + len(response)
+            continue
         if max_length is not None and len(prompt) + len(response) > max_length:
             if overlong == "error":
                 raise ValueError(
@@ -136,9 +149,41 @@ def _assemble(
     if not kept and not allow_empty:
         raise ValueError(
             f"no row of the {n_rows}-row batch has a model-generated token left to distill "
-            f"({n_skipped_long} overlong, {n_skipped_no_target} without model tokens)"
+            f"({n_skipped_long} overlong, {n_skipped_no_target} without model tokens, {n_skipped_weight} of weight 0)"
         )
 
+    input_ids, attention, positions, target, prompt_lengths = _tensors(kept, pad_token_id)
+    non_tensor = batch.non_tensor_batch
+    weights = None if weights_all is None else weights_all[kept_rows]
+    uids = [non_tensor["uid"][b] for b in kept_rows] if "uid" in non_tensor else None
+    stats = {
+        "opd/rows": float(len(kept)),
+        "opd/rows_truncated": float(n_truncated),
+        "opd/rows_skipped_overlong": float(n_skipped_long),
+        "opd/rows_skipped_no_model_tokens": float(n_skipped_no_target),
+        "opd/rows_skipped_zero_weight": float(n_skipped_weight),
+        "opd/teacher_tokens_saved": float(tokens_saved),  # prompt + response tokens of the rows of weight 0
+        "opd/target_tokens": float(target.sum()),
+        "opd/padded_width": float(input_ids.shape[1]),
+        "opd/prompt_source_raw": float(source == "raw_prompt"),
+    }
+    teacher_rows = None
+    if TEACHER_PROMPTS in non_tensor:
+        # the teacher's prompt, then exactly the response (and targets) kept for the student
+        teacher_kept = [
+            (list(non_tensor[TEACHER_PROMPTS][b]), response, mask)
+            for b, (_, response, mask) in zip(kept_rows, kept, strict=True)
+        ]
+        t_ids, t_attention, t_positions, t_target, t_prompt_lengths = _tensors(teacher_kept, pad_token_id)
+        teacher_rows = OPDBatch(t_ids, t_attention, t_positions, t_target, t_prompt_lengths, kept_rows)
+        stats["opd/teacher_prompt_extra_tokens"] = float((t_prompt_lengths - prompt_lengths).sum())
+    return OPDBatch(
+        input_ids, attention, positions, target, prompt_lengths, kept_rows, weights, uids, stats, teacher_rows
+    )
+
+
+def _tensors(kept: list, pad_token_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-padded (input ids, attention, positions, targets, prompt lengths) of (prompt, response, mask)."""
     width = max((len(p) + len(r) for p, r, _ in kept), default=1)
     n_kept = len(kept)
     input_ids = torch.full((n_kept, width), pad_token_id, dtype=torch.long)
@@ -152,22 +197,7 @@ def _assemble(
         target[i, len(prompt) : length] = torch.tensor(mask, dtype=torch.bool)
         prompt_lengths[i] = len(prompt)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-
-    non_tensor = batch.non_tensor_batch
-    weights = None
-    if "sample_weight" in batch.batch.keys():
-        weights = batch.batch["sample_weight"][kept_rows].float()
-    uids = [non_tensor["uid"][b] for b in kept_rows] if "uid" in non_tensor else None
-    stats = {
-        "opd/rows": float(n_kept),
-        "opd/rows_truncated": float(n_truncated),
-        "opd/rows_skipped_overlong": float(n_skipped_long),
-        "opd/rows_skipped_no_model_tokens": float(n_skipped_no_target),
-        "opd/target_tokens": float(target.sum()),
-        "opd/padded_width": float(width),
-        "opd/prompt_source_raw": float(source == "raw_prompt"),
-    }
-    return OPDBatch(input_ids, attention, positions, target, prompt_lengths, kept_rows, weights, uids, stats)
+    return input_ids, attention, positions, target, prompt_lengths
 
 
 def build_opd_batch(

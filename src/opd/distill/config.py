@@ -42,6 +42,22 @@ SELECTION_NORMALISERS = ("kept", "all")
 _RULES_NEEDING_DIVERGENCE = ("divergence", "soft_or", "q3")
 
 
+# sample weighting (opd.sample_weighting.method), one weight per rollout row on the driver:
+#   auto: the original repository's behaviour: reward_softmax when opd.reward_beta > 0, else none;
+#   none: every row 1; reward_softmax: w = softmax(r / opd.reward_beta) x B over the batch;
+#   paced: w = p^alpha (1 - p)^beta, p = the prompt's pass rate over its rollout.n samples (PACED)
+SAMPLE_WEIGHTINGS = ("auto", "none", "reward_softmax", "paced")
+# mean: weights scaled to mean 1 over the rows that keep a weight (the loss is the weighted mean of the
+# divergence: the step divides by the weights' sum, so the loss scale is unweighted distillation's);
+# none: raw weights and a normaliser that counts tokens (rows) unweighted, so a batch whose prompts carry
+# little signal gives a smaller loss and gradient
+WEIGHT_NORMALISERS = ("mean", "none")
+# the divergence schedule's stage boundaries (opd.schedule.unit): fraction of the training's steps, or steps
+SCHEDULE_UNITS = ("fraction", "step")
+# opd.teacher: model (the model at teacher_path) | self (a frozen copy of the initial student)
+TEACHERS = ("model", "self")
+
+
 class OPDConfigError(ValueError):
     """An ``opd:`` setting (or a verl setting the OPD step reads) that cannot run; the message names the fix."""
 
@@ -126,10 +142,164 @@ class TokenSelection:
 
 
 @dataclass(frozen=True)
+class SampleWeighting:
+    """``opd.sample_weighting.*``: one weight per rollout row, computed on the driver over the whole batch.
+
+    Rows of weight 0 (with ``paced``: prompts the student always or never solves) are dropped before the
+    teacher phase: neither model runs on them (``opd/teacher_tokens_saved``)."""
+
+    method: str = "auto"  # one of SAMPLE_WEIGHTINGS
+    alpha: float = 1.0  # paced: exponent of p
+    beta: float = 1.0  # paced: exponent of 1 - p
+    normalise: str = "mean"  # one of WEIGHT_NORMALISERS
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_type(f"sample_weighting.{f.name}", getattr(self, f.name), f.type)
+        _one_of("sample_weighting.method", self.method, SAMPLE_WEIGHTINGS)
+        _one_of("sample_weighting.normalise", self.normalise, WEIGHT_NORMALISERS)
+        for name in ("alpha", "beta"):
+            if getattr(self, name) < 0:
+                raise OPDConfigError(
+                    f"opd.sample_weighting.{name}={getattr(self, name)} must be >= 0 "
+                    "(w(p) = p^alpha (1 - p)^beta; PACED's default is 1)"
+                )
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> SampleWeighting:
+        return _from_mapping(cls, mapping, "opd.sample_weighting")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of ``opd.schedule.stages``: ``loss_type`` until ``until`` (exclusive; null: to the end)."""
+
+    loss_type: str
+    until: float | None = None
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> Stage:
+        return _from_mapping(cls, mapping, "opd.schedule.stages[]")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """``opd.schedule.*``: the divergence per training step, in stages (PACED: forward KL, then reverse KL).
+
+    Empty ``stages``: ``opd.loss_type`` throughout. Otherwise the stages replace ``opd.loss_type``: step s
+    (1-based, as verl counts) is in the first stage whose ``until`` is above s (``unit=step``) or above
+    (s - 1) / total_steps (``unit=fraction``); the last stage has ``until: null``."""
+
+    stages: tuple = ()  # of Stage
+    unit: str = "fraction"  # one of SCHEDULE_UNITS
+
+    def __post_init__(self) -> None:
+        stages = tuple(
+            s if isinstance(s, Stage) else Stage.from_mapping(_as_mapping(s, "opd.schedule.stages[]"))
+            for s in (self.stages or ())
+        )
+        object.__setattr__(self, "stages", stages)
+        _one_of("schedule.unit", self.unit, SCHEDULE_UNITS)
+        for i, stage in enumerate(stages):
+            _check_type(f"schedule.stages[{i}].loss_type", stage.loss_type, "str")
+            _check_type(f"schedule.stages[{i}].until", stage.until, "float | None")
+            _one_of(f"schedule.stages[{i}].loss_type", stage.loss_type, DIVERGENCES)
+            last = i == len(stages) - 1
+            if last != (stage.until is None):
+                raise OPDConfigError(
+                    f"opd.schedule.stages[{i}].until={stage.until}: every stage but the last ends at an `until`, "
+                    "and the last runs to the end (until: null), e.g. "
+                    "[{loss_type: forward_kl, until: 0.3}, {loss_type: reverse_kl}]"
+                )
+        bounds = [s.until for s in stages[:-1]]
+        for i, until in enumerate(bounds):
+            if self.unit == "fraction" and not 0.0 < until < 1.0:
+                raise OPDConfigError(
+                    f"opd.schedule.stages[{i}].until={until}: with unit=fraction a stage ends at a fraction of "
+                    "training in (0, 1) (or set opd.schedule.unit=step and give a step)"
+                )
+            if self.unit == "step" and (until != int(until) or until < 2):
+                raise OPDConfigError(
+                    f"opd.schedule.stages[{i}].until={until}: with unit=step a stage ends at a whole step >= 2 "
+                    "(steps count from 1: until 2 means step 1 only)"
+                )
+            if i and until <= bounds[i - 1]:
+                raise OPDConfigError(
+                    f"opd.schedule.stages[{i}].until={until} must be above the previous stage's ({bounds[i - 1]})"
+                )
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> Schedule:
+        return _from_mapping(cls, mapping, "opd.schedule")
+
+    def stage_at(self, step: int, total_steps: int | None) -> int:
+        """The index of the stage training step ``step`` (1-based) is in; -1 without stages."""
+        if not self.stages:
+            return -1
+        if self.unit == "fraction":
+            if not total_steps:
+                raise ValueError("opd.schedule.unit=fraction needs the training's total steps")
+            position = (step - 1) / total_steps
+        else:
+            position = step
+        for i, stage in enumerate(self.stages):
+            if stage.until is None or position < stage.until:
+                return i
+        return len(self.stages) - 1
+
+    def loss_type_at(self, step: int, total_steps: int | None, default: str) -> str:
+        stage = self.stage_at(step, total_steps)
+        return default if stage < 0 else self.stages[stage].loss_type
+
+
+@dataclass(frozen=True)
+class TeacherContext:
+    """``opd.teacher_context.*``: privileged context in the teacher's prompt only (self-distillation).
+
+    With ``field`` set, each row's value of that data column (a dotted path into the row, e.g.
+    ``reward_model.ground_truth``) is put into the teacher's copy of the prompt's last user message through
+    ``template``; the student sees the plain prompt, and both score the same response tokens."""
+
+    field: str | None = None
+    template: str = "{prompt}\n\nFor reference, the correct final answer is {context}."
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_type(f"teacher_context.{f.name}", getattr(self, f.name), f.type)
+        if self.field is not None:
+            if not self.field.strip():
+                raise OPDConfigError(
+                    "opd.teacher_context.field is empty: name a data column or set it to null"
+                )
+            for placeholder in ("{prompt}", "{context}"):
+                if placeholder not in self.template:
+                    raise OPDConfigError(
+                        f"opd.teacher_context.template={self.template!r} has no {placeholder}: the template "
+                        "rewrites the last user message as e.g. '{prompt}\\n\\nThe answer is {context}.'"
+                    )
+            try:
+                self.template.format(prompt="", context="")
+            except (KeyError, IndexError, ValueError) as error:
+                raise OPDConfigError(
+                    f"opd.teacher_context.template={self.template!r} does not format with only {{prompt}} and "
+                    f"{{context}} ({error!r}); write a literal brace as {{{{ or }}}}"
+                ) from error
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> TeacherContext:
+        return _from_mapping(cls, mapping, "opd.teacher_context")
+
+    @property
+    def active(self) -> bool:
+        return self.field is not None
+
+
+@dataclass(frozen=True)
 class OPDConfig:
     """Every ``opd.*`` key. Defaults equal ``src/opd/config/opd_trainer.yaml``'s."""
 
-    teacher_path: str | None = None  # a HF model dir sharing the student's tokenizer
+    teacher: str = "model"  # one of TEACHERS
+    teacher_path: str | None = None  # teacher=model: a HF model dir sharing the student's tokenizer
     loss_type: str = "reverse_kl"  # one of DIVERGENCES
     beta: float = 0.5  # jsd: the teacher's weight in the mixture, strictly between 0 and 1
     teacher_signal: str = "hidden"  # one of SIGNALS: what phase 1 keeps per token for phase 2
@@ -143,21 +313,58 @@ class OPDConfig:
     token_selection: TokenSelection = dataclasses.field(
         default_factory=lambda: TokenSelection()
     )  # opd.token_selection.*
+    sample_weighting: SampleWeighting = dataclasses.field(default_factory=lambda: SampleWeighting())
+    schedule: Schedule = dataclasses.field(default_factory=lambda: Schedule())
+    teacher_context: TeacherContext = dataclasses.field(default_factory=lambda: TeacherContext())
 
     def __post_init__(self) -> None:
-        if isinstance(self.token_selection, Mapping):  # the YAML group, as a dict or a DictConfig
-            object.__setattr__(self, "token_selection", TokenSelection.from_mapping(self.token_selection))
+        for name, group in (
+            ("token_selection", TokenSelection),
+            ("sample_weighting", SampleWeighting),
+            ("schedule", Schedule),
+            ("teacher_context", TeacherContext),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):  # the YAML group, as a dict or a DictConfig
+                object.__setattr__(self, name, group.from_mapping(value))
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), f.type)
+        _one_of("teacher", self.teacher, TEACHERS)
         _one_of("loss_type", self.loss_type, DIVERGENCES)
         _one_of("teacher_signal", self.teacher_signal, SIGNALS)
+        if self.teacher == "self" and self.teacher_path is not None:
+            raise OPDConfigError(
+                f"opd.teacher=self (a frozen copy of the initial student) with opd.teacher_path={self.teacher_path}: "
+                "unset the path (opd.teacher_path=null, or unset TEACHER_MODEL_PATH), or use opd.teacher=model"
+            )
         _one_of("overlong", self.overlong, OVERLONG_POLICIES)
         _one_of("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
-        if self.loss_type not in SUPPORTED[self.teacher_signal]:
-            modes = [m for m, kinds in SUPPORTED.items() if self.loss_type in kinds]
+        scheduled = [
+            (f"opd.schedule.stages[{i}].loss_type", s.loss_type) for i, s in enumerate(self.schedule.stages)
+        ]
+        for name, loss_type in scheduled or [("opd.loss_type", self.loss_type)]:
+            if loss_type not in SUPPORTED[self.teacher_signal]:
+                modes = [m for m, kinds in SUPPORTED.items() if loss_type in kinds]
+                raise OPDConfigError(
+                    f"{name}={loss_type} is not supported with opd.teacher_signal={self.teacher_signal} "
+                    f"(it supports {list(SUPPORTED[self.teacher_signal])}); use teacher_signal in {modes}"
+                )
+        if scheduled and self.loss_type not in [t for _, t in scheduled]:
             raise OPDConfigError(
-                f"opd.loss_type={self.loss_type} is not supported with opd.teacher_signal={self.teacher_signal} "
-                f"(it supports {list(SUPPORTED[self.teacher_signal])}); use teacher_signal in {modes}"
+                f"opd.loss_type={self.loss_type} is in no stage of opd.schedule (the stages replace it): set "
+                f"opd.loss_type to one of the stages' divergences ({sorted({t for _, t in scheduled})}), so "
+                "logs and run names say a divergence the run uses"
+            )
+        weighting = self.sample_weighting
+        if weighting.method == "reward_softmax" and self.reward_beta <= 0:
+            raise OPDConfigError(
+                f"opd.sample_weighting.method=reward_softmax needs opd.reward_beta > 0 (the softmax "
+                f"temperature), got {self.reward_beta}"
+            )
+        if weighting.method in ("none", "paced") and self.reward_beta > 0:
+            raise OPDConfigError(
+                f"opd.reward_beta={self.reward_beta} turns on reward weighting, but opd.sample_weighting.method="
+                f"{weighting.method}: set opd.reward_beta=0 (or OPD_REWARD_BETA=0), or method=reward_softmax"
             )
         if self.loss_type == "jsd" and not 0.0 < self.beta < 1.0:
             raise OPDConfigError(
@@ -189,6 +396,19 @@ class OPDConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def weighting(self) -> str:
+        """The weighting in effect (``auto`` resolved)."""
+        method = self.sample_weighting.method
+        if method == "auto":
+            return "reward_softmax" if self.reward_beta > 0 else "none"
+        return method
+
+    @property
+    def loss_types(self) -> tuple[str, ...]:
+        """Every divergence the run optimises (the schedule's stages, or ``loss_type``)."""
+        return tuple(dict.fromkeys(s.loss_type for s in self.schedule.stages)) or (self.loss_type,)
 
 
 def check_trainer(opd: OPDConfig, actor_rollout_ref: Mapping[str, Any]) -> None:
@@ -222,6 +442,13 @@ def check_trainer(opd: OPDConfig, actor_rollout_ref: Mapping[str, Any]) -> None:
                 "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu must be a positive row count (or set "
                 f"use_dynamic_bsz=true with ppo_max_token_len_per_gpu), got {rows!r}"
             )
+    n = int(rollout.get("n", 1) or 1)
+    if opd.weighting == "paced" and n < 2:
+        raise OPDConfigError(
+            f"opd.sample_weighting.method=paced weighs each prompt by its pass rate over its rollout.n samples, "
+            f"but actor_rollout_ref.rollout.n={n} (every pass rate would be 0 or 1: weight 0); set "
+            "actor_rollout_ref.rollout.n >= 2 (PACED reportedly uses 8)"
+        )
     if opd.teacher_signal == "sampled":
         temperature = float(rollout.get("temperature", 1.0))
         top_p = float(rollout.get("top_p", 1.0))
@@ -235,6 +462,14 @@ def check_trainer(opd: OPDConfig, actor_rollout_ref: Mapping[str, Any]) -> None:
             )
 
 
+def _as_mapping(value: Any, name: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise OPDConfigError(
+            f"{name}={value!r} must be a mapping such as {{loss_type: forward_kl, until: 0.3}}"
+        )
+    return value
+
+
 def _from_mapping(cls, mapping: Mapping[str, Any], group: str):
     known = {f.name for f in dataclasses.fields(cls)}
     values = {key: mapping[key] for key in mapping}
@@ -244,6 +479,15 @@ def _from_mapping(cls, mapping: Mapping[str, Any], group: str):
             f"unknown {group} key(s) {unknown}: the known keys are {sorted(known)} "
             "(see src/opd/config/opd_trainer.yaml)"
         )
+    missing = sorted(
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    )
+    if missing:
+        raise OPDConfigError(f"{group} needs the key(s) {missing} (see src/opd/config/opd_trainer.yaml)")
     return cls(**values)
 
 
@@ -262,6 +506,10 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
     base = annotation.removesuffix("| None").strip()
     ok = {
         "TokenSelection": isinstance(value, TokenSelection),
+        "SampleWeighting": isinstance(value, SampleWeighting),
+        "Schedule": isinstance(value, Schedule),
+        "TeacherContext": isinstance(value, TeacherContext),
+        "tuple": isinstance(value, tuple),
         "bool": isinstance(value, bool),
         "str": isinstance(value, str),
         "int": isinstance(value, int) and not isinstance(value, bool),

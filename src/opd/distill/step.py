@@ -40,7 +40,7 @@ import torch
 from opd.distill.batch import OPDBatch
 from opd.distill.config import OPDConfig
 from opd.distill.head import HeadDivergence, head_divergence, output_head_replaced
-from opd.distill.packing import PackedMicroBatch, mini_batches, pad_to
+from opd.distill.packing import PackedMicroBatch, mini_batches, pack_rows, pad_to
 from opd.distill.selection import (
     SUM_KEYS,
     kept_count,
@@ -103,6 +103,14 @@ def _row_weights(opd: OPDBatch) -> torch.Tensor:
     return opd.sample_weight_B.float() if opd.sample_weight_B is not None else torch.ones(len(opd))
 
 
+def _normaliser_weights(opd: OPDBatch, opd_config: OPDConfig) -> torch.Tensor:
+    """The row weights the loss normaliser sums: the sample weights (a weighted mean), or ones with
+    ``opd.sample_weighting.normalise=none`` (raw weights scale the loss)."""
+    if opd_config.sample_weighting.normalise == "none":
+        return torch.ones(len(opd))
+    return _row_weights(opd)
+
+
 def _targets_per_row(opd: OPDBatch) -> torch.Tensor:
     return opd.target_mask_B_L.sum(-1).float()
 
@@ -143,7 +151,7 @@ def plan_passes(
     )
     pad_to(minis, [int(c) for c in counts], pad_token_id)
     flat = [mb for micro in minis for mb in micro]
-    weights_B, targets_B = _row_weights(opd), _counted_per_row(opd, opd_config)
+    weights_B, targets_B = _normaliser_weights(opd, opd_config), _counted_per_row(opd, opd_config)
     local_norm = []
     for micro in minis:
         rows = torch.cat([mb.rows_R for mb in micro])
@@ -244,8 +252,16 @@ class TeacherOutput:
 
 
 @torch.no_grad()
-def teacher_phase(teacher: torch.nn.Module, plan: StepPlan, opd_config: OPDConfig, device) -> TeacherOutput:
-    """Phase 1 (module doc): every micro-batch's teacher signal, on CPU."""
+def teacher_phase(
+    teacher: torch.nn.Module,
+    plan: StepPlan,
+    opd_config: OPDConfig,
+    device,
+    teacher_rows: OPDBatch | None = None,
+) -> TeacherOutput:
+    """Phase 1 (module doc): every micro-batch's teacher signal, on CPU. ``teacher_rows``: the teacher's own
+    rows (its prompts carry privileged context, ``opd.teacher_context``); each micro-batch's rows are packed
+    from them in the same order, so the teacher scores the same target tokens in the same order."""
     teacher.eval()
     mode, vocab = opd_config.teacher_signal, opd_config.vocab_size
     head: dict[str, torch.Tensor | None] = {}
@@ -266,8 +282,11 @@ def teacher_phase(teacher: torch.nn.Module, plan: StepPlan, opd_config: OPDConfi
     for micro in plan.minis:
         signals.append([])
         for mb in micro:
+            seen = mb if teacher_rows is None or mb.padding else pack_rows(teacher_rows, mb.rows_R.tolist())
+            if not torch.equal(seen.target_ids_N, mb.target_ids_N):
+                raise RuntimeError("the teacher's rows do not end in the student's response tokens")
             with output_head_replaced(teacher, final_hidden):
-                teacher(**mb.model_inputs(device))
+                teacher(**seen.model_inputs(device))
             hidden_N_H = head.pop("hidden")
             if mode == "hidden":
                 signal = TeacherSignal(
@@ -531,7 +550,7 @@ def _score_mini_batch(
                     )
                 )
     real = [r for r in scored if r is not None]
-    weights_B, counted_B = _row_weights(opd), torch.zeros(len(opd))
+    weights_B, counted_B = _normaliser_weights(opd, opd_config), torch.zeros(len(opd))
     local = 0.0
     if real:
         fkl = [r.fkl_N for r in real] if sel.rule == "q3" else None
@@ -645,7 +664,7 @@ def run_step(
     )
     metrics.update(plan.stats)
     with measure("teacher", metrics, device):
-        teacher_out = teacher_phase(teacher, plan, opd_config, device)
+        teacher_out = teacher_phase(teacher, plan, opd_config, device, opd.teacher_rows)
     metrics.update(signal_metrics(teacher_out))
     with measure("student", metrics, device), student_on_device():
         metrics.update(

@@ -15,7 +15,9 @@ from verl import DataProto
 from verl.trainer import main_ppo
 from verl.trainer.ppo.ray_trainer import RayPPOTrainer, Role
 
-from opd.distill.weights import reward_weights
+from opd.distill.batch import TEACHER_PROMPTS
+from opd.distill.config import OPDConfig
+from opd.distill.weights import sample_weights
 from opd.runtime import trainer_class
 
 
@@ -62,18 +64,47 @@ class OPDTrainer(RayPPOTrainer):
 
     def _update_actor(self, batch: DataProto) -> DataProto:
         opd = OmegaConf.to_container(self.config.opd, resolve=True)
-        rewards_B = batch.batch["token_level_scores"].sum(-1)
-        weights_B = reward_weights(rewards_B, opd["reward_beta"])
+        config = OPDConfig.from_mapping(opd)
+        weighting = config.sample_weighting
+        scores_B = batch.batch["token_level_scores"].sum(-1)
+        weights_B, weight_metrics = sample_weights(
+            config.weighting,
+            scores_B,
+            batch.non_tensor_batch.get("uid"),
+            reward_beta=config.reward_beta,
+            alpha=weighting.alpha,
+            beta=weighting.beta,
+            normalise=weighting.normalise,
+        )
         batch.batch["sample_weight"] = weights_B
+        if config.teacher_context.active:
+            batch.non_tensor_batch[TEACHER_PROMPTS] = self._teacher_prompts(batch, config)
         batch.meta_info["opd"] = opd
         batch.meta_info["global_steps"] = self.global_steps
+        batch.meta_info["total_steps"] = self.total_training_steps
         output = self.actor_rollout_wg.update_actor_opd(batch)
         metrics = output.meta_info["metrics"]
         write_token_pairs(metrics.pop("token_pairs", None), self.global_steps)
         metrics.update(tool_mask_metrics(batch))
-        metrics["opd/reward_weight_min"] = float(weights_B.min())
-        metrics["opd/reward_weight_max"] = float(weights_B.max())
+        metrics.update(weight_metrics)
+        metrics["opd/sample_weight_min"] = float(weights_B.min())
+        metrics["opd/sample_weight_max"] = float(weights_B.max())
         return output
+
+    def _teacher_prompts(self, batch: DataProto, config: OPDConfig):
+        from opd.distill.context import teacher_prompt_ids
+
+        prompts_B_P = batch.batch["prompts"]
+        row0 = prompts_B_P[0][batch.batch["attention_mask"][0, : prompts_B_P.shape[1]].bool()].tolist()
+        chat_kwargs = self.config.data.get("apply_chat_template_kwargs")
+        return teacher_prompt_ids(
+            batch.non_tensor_batch,
+            self.tokenizer,
+            config.teacher_context.field,
+            config.teacher_context.template,
+            OmegaConf.to_container(chat_kwargs, resolve=True) if chat_kwargs else {},
+            student_prompt_ids=row0,
+        )
 
 
 class OPDTaskRunner(main_ppo.TaskRunner):

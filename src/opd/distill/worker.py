@@ -77,6 +77,8 @@ class OPDActorRolloutRefWorker(AsyncActorRolloutRefWorker):
             allow_empty=True,  # a rank left without rows still runs its passes (padding micro-batches)
         )
         step = int(data.meta_info.get("global_steps", 0))
+        total_steps = data.meta_info.get("total_steps")
+        loss_type = self.divergence_at(step, opd_config, total_steps)
         metrics = run_step(
             self.actor_module_fsdp,
             self.ref_module_fsdp,
@@ -89,7 +91,7 @@ class OPDActorRolloutRefWorker(AsyncActorRolloutRefWorker):
             collectives=Collectives(),
             pad_token_id=self.tokenizer.pad_token_id or 0,
             student_on_device=self._student_on_device,
-            loss_type=self.divergence_at(step, opd_config),
+            loss_type=loss_type,
             step=step,
             clip_and_step=self._clip_and_step,
             # the hook only when a subclass overrides it: otherwise opd.token_selection decides (and with
@@ -99,6 +101,8 @@ class OPDActorRolloutRefWorker(AsyncActorRolloutRefWorker):
         lr = self.actor_lr_scheduler.get_last_lr()[0]
         self.actor_lr_scheduler.step()
         metrics["actor/lr"] = lr.item() if torch.is_tensor(lr) else lr
+        if opd_config.schedule.stages:
+            metrics["opd/schedule/stage"] = float(opd_config.schedule.stage_at(step, total_steps))
         return DataProto(meta_info={"metrics": metrics})
 
     @contextmanager
@@ -123,10 +127,10 @@ class OPDActorRolloutRefWorker(AsyncActorRolloutRefWorker):
         mini-batch's weight before selection. Not called unless overridden."""
         return None
 
-    def divergence_at(self, step: int, opd_config: OPDConfig) -> str:
-        """Hook for a divergence that changes with the training step (e.g. forward then reverse KL).
-        Default: ``opd.loss_type`` throughout."""
-        return opd_config.loss_type
+    def divergence_at(self, step: int, opd_config: OPDConfig, total_steps: int | None = None) -> str:
+        """Hook for the divergence of training step ``step`` (1-based) of ``total_steps``. Default: the stage
+        of ``opd.schedule`` the step is in (e.g. forward KL, then reverse KL), else ``opd.loss_type``."""
+        return opd_config.schedule.loss_type_at(step, total_steps, opd_config.loss_type)
 
     def _clip_and_step(self) -> float:
         module, max_norm = self.actor_module_fsdp, self.config.actor.grad_clip
