@@ -9,7 +9,7 @@ STAMP := $(VENV)/.opd-setup-done
 # set OPD_TINY_DIR to keep them elsewhere.
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-fast test-e2e lint format tiny tiny-data data demo bench-loss bench-step bench-tip plot-tokens repro-tip convert \
+.PHONY: help setup test test-fast test-e2e lint format tiny tiny-data data demo bench-loss bench-step bench-tip plot-tokens repro-tip repro-paced convert \
 	slurm-up slurm-down sweep-opd sweep-grpo submit status \
 	container-build container-build-cpu container-test-cpu container-lock container-push container-pull \
 	container-sif container-verify clean
@@ -77,6 +77,9 @@ plot-tokens: setup ## token-importance diagnostics of a run: quadrant scatter an
 
 repro-tip: setup ## TIP's rules on the tiny task through verl on CPU: 5 selections x 3 seeds, table + curves (~40 min)
 	$(PY) -m opd.tip repro $(REPRO_ARGS)
+
+repro-paced: setup ## PACED on the tiny task through verl on CPU: unweighted / PACED x KL schedule x 3 seeds, table + curves (~60 min)
+	$(PY) -m opd.paced repro $(REPRO_ARGS)
 
 convert: setup ## verl FSDP checkpoint -> Hugging Face model: make convert CHECKPOINT=.../global_step_N[/actor] [TARGET=dir]
 	@test -n "$(CHECKPOINT)" || { echo "usage: make convert CHECKPOINT=path/to/global_step_N [TARGET=dir]" >&2; exit 2; }

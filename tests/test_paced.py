@@ -25,7 +25,9 @@ VOCAB = 438
 
 def by_hand(scores, uids, alpha=1.0, beta=1.0):
     """w = p^alpha (1 - p)^beta per row from each uid's fraction of scores > 0, in plain Python."""
-    p = {u: sum(s > 0 for s, v in zip(scores, uids, strict=True) if v == u) / uids.count(u) for u in set(uids)}
+    p = {
+        u: sum(s > 0 for s, v in zip(scores, uids, strict=True) if v == u) / uids.count(u) for u in set(uids)
+    }
     return [p[u] ** alpha * (1 - p[u]) ** beta for u in uids]
 
 

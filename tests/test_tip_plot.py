@@ -12,7 +12,8 @@ import pytest
 
 from opd.distill.config import OPDConfig
 from opd.launch import CONFIGS
-from opd.tip import main, quadrant_series, selection_overrides
+from opd.repro import group_overrides
+from opd.tip import main, quadrant_series
 
 
 def fake_run(run_dir: Path, steps: int = 3, with_pairs: bool = True) -> Path:
@@ -63,16 +64,30 @@ def test_plot_command_imports_no_torch(tmp_path):
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(CONFIGS) / "token_selection").glob("*.yaml")))
-def test_every_token_selection_config_is_valid(name):
-    overrides = selection_overrides(name)
-    values = dict(o.removeprefix("opd.token_selection.").split("=") for o in overrides)
-    selection = OPDConfig.from_mapping(
-        {"token_selection": {"rule": values["rule"], "ratio": float(values["ratio"])}}
-    ).token_selection
-    assert name.split("_")[0] in (selection.rule, selection.rule.split("_")[0])
+GROUPS = ("token_selection", "sample_weighting", "divergence_schedule")  # the opd.* method groups
+
+
+@pytest.mark.parametrize(
+    ("group", "name"),
+    [(group, p.stem) for group in GROUPS for p in sorted((Path(CONFIGS) / group).glob("*.yaml"))],
+)
+def test_every_method_group_file_gives_overrides_of_a_valid_opd_config(group, name):
+    """What the repro benchmarks pass on the command line (Hydra's override grammar, lists included)
+    parses back to the group file's values, and they make a valid typed config."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    parsed = OverridesParser.create().parse_overrides(group_overrides(group, name))
+    opd = OmegaConf.create()
+    for override in parsed:
+        OmegaConf.update(opd, override.key_or_group, override.value(), force_add=True)
+    expected = OmegaConf.to_container(OmegaConf.load(Path(CONFIGS) / group / f"{name}.yaml"))["verl"]
+    assert OmegaConf.to_container(opd) == expected
+    config = OPDConfig.from_mapping(expected["opd"])
+    if group == "token_selection":
+        assert name.split("_")[0] in (config.token_selection.rule, config.token_selection.rule.split("_")[0])
 
 
 def test_unknown_selection_name_is_refused_with_the_known_ones():
     with pytest.raises(FileNotFoundError, match="choose from"):
-        selection_overrides("top_half")
+        group_overrides("token_selection", "top_half")

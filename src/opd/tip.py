@@ -24,9 +24,7 @@ and wrong), Q4 low / low; high means above the threshold (default: the median of
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"  # opd.runtime.METRICS_FILE (not imported: it pulls in the data checks)
@@ -41,16 +39,9 @@ LABELS = {
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSON-lines file; a malformed line is named and skipped (a run may be writing it)."""
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            print(f"[tip] {path}:{number}: skipped, not JSON ({error.msg})", file=sys.stderr)
-    return records
+    from opd.repro import read_jsonl as read
+
+    return read(path, "tip")
 
 
 def quadrant_series(run_dir: Path) -> list[dict]:
@@ -138,150 +129,44 @@ def plot(run_dir: Path, out: Path) -> Path:
 # --- the reproduction benchmark ----------------------------------------------------------------------------
 
 REPRO_RULES = ("all", "entropy_50", "soft_or_50", "q3_20", "random_50")  # configs/token_selection/*.yaml
-VAL_ACCURACY = "val-core/tiny_arith/acc/mean@1"  # opd.demo.VAL_ACCURACY
-
-
-def selection_overrides(name: str) -> list[str]:
-    """verl-side overrides of ``configs/token_selection/<name>.yaml`` (the one home of each selection)."""
-    from omegaconf import OmegaConf
-
-    from opd.launch import CONFIGS
-
-    path = Path(CONFIGS) / "token_selection" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise FileNotFoundError(f"no token selection {name!r} ({path}); choose from {known}")
-    values = OmegaConf.to_container(OmegaConf.load(path))["verl"]["opd"]["token_selection"]
-    return [f"opd.token_selection.{key}={value}" for key, value in values.items()]
-
-
-def finished(run_dir: Path, steps: int) -> bool:
-    path = run_dir / METRICS_FILE
-    return path.is_file() and any(
-        r.get("step") == steps and VAL_ACCURACY in r.get("data", {}) for r in read_jsonl(path)
-    )
 
 
 def run_repro(args) -> int:
-    import statistics
+    from pathlib import Path
 
     import opd.tiny
-    from opd.demo import demo_overrides, run_entry, tiny_opd_overrides
+    from opd.demo import demo_overrides, tiny_opd_overrides
+    from opd.repro import Comparison, group_overrides, run
 
     assets = Path(opd.tiny.default_dir())
     opd.tiny.build(assets)
-    out = args.out.resolve()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    rules = args.rules.split(",")
-    overrides_of = {rule: selection_overrides(rule) for rule in rules}  # unknown names fail before any run
-    started = time.time()
-    for seed in seeds:  # every selection once before the next seed: a stopped benchmark still compares all
-        for rule in rules:
-            run_dir = out / f"{rule}_seed{seed}"
-            if finished(run_dir, args.steps):
-                print(f"[tip] {run_dir.name}: done before, reused", flush=True)
-                continue
-            if (run_dir / METRICS_FILE).exists():
-                (run_dir / METRICS_FILE).unlink()  # an unfinished run restarts from scratch
-            run_dir.mkdir(parents=True, exist_ok=True)
-            print(
-                f"[tip] {run_dir.name}: {args.steps} steps ({time.time() - started:.0f} s so far)", flush=True
-            )
-            overrides = [
-                *tiny_opd_overrides(assets, run_dir, args.steps, test_freq=args.test_freq),
-                *demo_overrides(args.loss_type, "hidden"),
-                *overrides_of[rule],
-                f"opd.token_selection.seed={seed}",
-                f"data.seed={seed}",
-                f"trainer.experiment_name=tip_{rule}_seed{seed}",
-                "trainer.resume_mode=disable",
-            ]
-            code = run_entry("opd.main_opd", overrides, run_dir / "train.log")
-            if code != 0:
-                print(
-                    f"[tip] {run_dir.name} failed (exit {code}); see {run_dir / 'train.log'}", file=sys.stderr
-                )
-                return code
-    results = {}
-    for rule in rules:
-        runs = []
-        for seed in seeds:
-            records = read_jsonl(out / f"{rule}_seed{seed}" / METRICS_FILE)
-            curve = [(r["step"], r["data"][VAL_ACCURACY]) for r in records if VAL_ACCURACY in r["data"]]
-            train = [r["data"] for r in records if "opd/divergence" in r["data"]]
-            runs.append(
-                {
-                    "seed": seed,
-                    "curve": curve,
-                    "kept": statistics.mean(d["opd/selected_token_fraction"] for d in train),
-                    "student_s": statistics.mean(d["opd/student_seconds"] for d in train),
-                }
-            )
-        finals = [run["curve"][-1][1] for run in runs]
-        results[rule] = {
-            "runs": runs,
-            "before": statistics.mean(run["curve"][0][1] for run in runs),
-            "after_mean": statistics.mean(finals),
-            "after_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-            "after_min": min(finals),
-            "after_max": max(finals),
-            "kept": statistics.mean(run["kept"] for run in runs),
-            "student_s": statistics.mean(run["student_s"] for run in runs),
-        }
-    lines = [
+    # unknown names fail before any run
+    variants = {rule: group_overrides("token_selection", rule) for rule in args.rules.split(",")}
+
+    def base(run_dir: Path, seed: int) -> list[str]:
+        return [
+            *tiny_opd_overrides(assets, run_dir, args.steps, test_freq=args.test_freq),
+            *demo_overrides(args.loss_type, "hidden"),
+            f"opd.token_selection.seed={seed}",
+            f"data.seed={seed}",
+        ]
+
+    comparison = Comparison(
+        tag="tip",
+        title="TIP token selection, tiny task",
+        variants=variants,
+        base=base,
+        columns={
+            "kept fraction": ("opd/selected_token_fraction", ".3f"),
+            "student phase s/step": ("opd/student_seconds", ".2f"),
+        },
+        legend="kept fraction",
+    )
+    intro = (
         f"Tiny task, {args.steps} OPD steps ({args.loss_type} from hidden states), seeds {args.seeds}; held-out "
-        "accuracy (greedy) of the tiny student:",
-        "",
-        "| selection | kept fraction | before | after (mean ± std) | min-max | gain (points) | student phase s/step |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for rule, r in results.items():
-        lines.append(
-            f"| {rule} | {r['kept']:.3f} | {r['before']:.3f} | {r['after_mean']:.3f} ± {r['after_std']:.3f} | "
-            f"{r['after_min']:.3f}-{r['after_max']:.3f} | {100 * (r['after_mean'] - r['before']):+.1f} | "
-            f"{r['student_s']:.2f} |"
-        )
-    table = "\n".join(lines)
-    (out / "table.md").write_text(table + "\n")
-    (out / "results.json").write_text(
-        json.dumps({"args": vars(args) | {"out": str(out)}, "results": results}, indent=2)
+        "accuracy (greedy) of the tiny student:"
     )
-    plot_repro(results, out / "curves.png")
-    print(
-        "\n" + table + f"\n\n[tip] {out / 'table.md'}, {out / 'curves.png'} ({time.time() - started:.0f} s)"
-    )
-    return 0
-
-
-def plot_repro(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for rule, r in results.items():
-        steps = [s for s, _ in r["runs"][0]["curve"]]
-        per_step = list(zip(*[[a for _, a in run["curve"]] for run in r["runs"]], strict=False))
-        mean = [sum(v) / len(v) for v in per_step]
-        line = ax.plot(steps[: len(mean)], mean, marker="o", label=f"{rule} (kept {r['kept']:.2f})")[0]
-        ax.fill_between(
-            steps[: len(mean)],
-            [min(v) for v in per_step],
-            [max(v) for v in per_step],
-            color=line.get_color(),
-            alpha=0.15,
-        )
-    ax.set(
-        xlabel="step",
-        ylabel="held-out accuracy (greedy)",
-        title="TIP token selection, tiny task (band: seeds' range)",
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return run(comparison, [int(s) for s in args.seeds.split(",")], args.steps, args.out, intro)
 
 
 def main(argv: list[str] | None = None) -> int:

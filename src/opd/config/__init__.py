@@ -16,6 +16,11 @@ def _basename(path) -> str:
     return os.path.basename(os.path.normpath(str(path)))
 
 
+def _teacher_name(teacher, path) -> str:
+    """The teacher in run names: its directory's name, or ``self`` (``opd.teacher=self`` has no path)."""
+    return "self" if teacher == "self" else _basename(path)
+
+
 def _safe_name(name) -> str:
     """Model names become directory and experiment names: ``Qwen/Qwen3-8B`` -> ``Qwen_Qwen3-8B``."""
     return str(name).replace("/", "_")
@@ -53,6 +58,7 @@ def register_resolvers() -> None:
         ("opd.verl_config_dir", _verl_config_dir),
         ("opd.tiny_dir", _tiny_dir),
         ("opd.basename", _basename),
+        ("opd.teacher_name", _teacher_name),
         ("opd.safe_name", _safe_name),
         ("opd.token_cap", _token_cap),
         ("opd.product", _product),
