@@ -92,24 +92,23 @@ def run_repro(args) -> int:
         f"30% of steps), 32 prompts x 4 samples per step, seeds {args.seeds}; held-out accuracy (greedy) of the "
         "tiny student (a dash: not logged, the run drops no prompt):"
     )
-    return run(comparison, [int(s) for s in args.seeds.split(",")], args.steps, args.out, intro)
+    return run(comparison, args, intro)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from opd.repro import add_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser(
         "repro", help="the tiny task's comparison: unweighted / PACED x KL schedule (table + plot)"
     )
-    r.add_argument("--steps", type=int, default=24, help="OPD steps per run (default 24)")
-    r.add_argument("--test-freq", type=int, default=8, help="validate every N steps (default 8)")
-    r.add_argument("--seeds", default="0,1,2", help="comma-separated data-order seeds")
+    add_arguments(r, steps=24, test_freq=8, out="outputs/paced_repro", seeds_help="data order")
     r.add_argument(
         "--variants",
         default=",".join(DEFAULT_VARIANTS),
         help=f"comma-separated, of {', '.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})",
     )
-    r.add_argument("--out", type=Path, default=Path("outputs/paced_repro"))
     args = parser.parse_args(argv)
     return run_repro(args)
 

@@ -35,44 +35,18 @@ def read_jsonl(path: Path, tag: str = "repro") -> list[dict]:
     return records
 
 
-def hydra_value(value) -> str:
-    """``value`` in Hydra's override grammar (lists and dicts included)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(hydra_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
-    text = str(value)
-    if text and all(c.isalnum() or c in "_-./" for c in text):
-        return text
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def group_overrides(group: str, name: str) -> list[str]:
     """verl-side overrides of ``configs/<group>/<name>.yaml`` (its ``verl:`` leaves; lists stay whole)."""
     from omegaconf import OmegaConf
 
     from opd.launch import CONFIGS
+    from opd.launch.rundir import tree_overrides
 
     path = Path(CONFIGS) / group / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise FileNotFoundError(f"no {group} {name!r} ({path}); choose from {known}")
-    tree = OmegaConf.to_container(OmegaConf.load(path))["verl"]
-
-    def leaves(node: dict, prefix: str):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                yield from leaves(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}={hydra_value(value)}"
-
-    return list(leaves(tree, ""))
+    return tree_overrides(OmegaConf.to_container(OmegaConf.load(path))["verl"])
 
 
 @dataclass
@@ -88,6 +62,16 @@ class Comparison:
     legend: str = ""  # a column header whose value goes into the plot's legend
 
 
+def add_arguments(parser, steps: int, test_freq: int, out: str, seeds_help: str) -> None:
+    """The options every repro command shares: --steps, --test-freq, --seeds, --out."""
+    parser.add_argument("--steps", type=int, default=steps, help=f"OPD steps per run (default {steps})")
+    parser.add_argument(
+        "--test-freq", type=int, default=test_freq, help=f"validate every N steps (default {test_freq})"
+    )
+    parser.add_argument("--seeds", default="0,1,2", help=f"comma-separated seeds ({seeds_help})")
+    parser.add_argument("--out", type=Path, default=Path(out), help=f"runs, table and plot (default {out})")
+
+
 def finished(run_dir: Path, steps: int) -> bool:
     path = run_dir / METRICS_FILE
     return path.is_file() and any(
@@ -95,12 +79,13 @@ def finished(run_dir: Path, steps: int) -> bool:
     )
 
 
-def run(comparison: Comparison, seeds: Sequence[int], steps: int, out: Path, intro: str) -> int:
-    """Every (seed, variant) run that is not finished yet, then the table and the plot under ``out``."""
+def run(comparison: Comparison, args, intro: str) -> int:
+    """Every (seed, variant) run that is not finished yet, then the table and the plot under ``args.out``
+    (``args``: the options of ``add_arguments``)."""
     from opd.demo import run_entry
 
     tag = comparison.tag
-    out = out.resolve()
+    out, steps, seeds = args.out.resolve(), args.steps, [int(s) for s in args.seeds.split(",")]
     started = time.time()
     for seed in seeds:
         for name, overrides in comparison.variants.items():

@@ -166,24 +166,23 @@ def run_repro(args) -> int:
         f"Tiny task, {args.steps} OPD steps ({args.loss_type} from hidden states), seeds {args.seeds}; held-out "
         "accuracy (greedy) of the tiny student:"
     )
-    return run(comparison, [int(s) for s in args.seeds.split(",")], args.steps, args.out, intro)
+    return run(comparison, args, intro)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from opd.repro import add_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plot", help="quadrant scatter and shares of a run directory (PNG)")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/token_quadrants.png)")
     r = sub.add_parser("repro", help="the tiny task's comparison of selection rules (table + plot)")
-    r.add_argument("--steps", type=int, default=30, help="OPD steps per run (default 30)")
-    r.add_argument("--test-freq", type=int, default=10, help="validate every N steps (default 10)")
-    r.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (data order, random rule)")
+    add_arguments(r, steps=30, test_freq=10, out="outputs/tip_repro", seeds_help="data order, random rule")
     r.add_argument("--rules", default=",".join(REPRO_RULES), help="configs/token_selection/ names")
     r.add_argument(
         "--loss-type", default="forward_kl", help="the divergence (default: the demo's forward_kl)"
     )
-    r.add_argument("--out", type=Path, default=Path("outputs/tip_repro"))
     args = parser.parse_args(argv)
     if args.command == "repro":
         return run_repro(args)

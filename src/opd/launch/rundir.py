@@ -56,6 +56,11 @@ def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
     return items
 
 
+def tree_overrides(tree: dict) -> list[str]:
+    """``key.path=value`` overrides of a nested dict's leaves (lists and empty dicts stay whole)."""
+    return [f"{key}={_value(value)}" for key, value in _flatten(tree)]
+
+
 def login_values(cfg: DictConfig, key: str):
     """``cfg[key]`` resolved; an unset environment variable becomes a SubmissionError naming it."""
     try:
@@ -83,7 +88,7 @@ def verl_overrides(cfg: DictConfig, run_dir: Path) -> list[str]:
         f"trainer.nnodes={resources['nodes']}",
         f"trainer.n_gpus_per_node={resources['workers_per_node']}",
     ]
-    overrides += [f"{key}={_value(value)}" for key, value in _flatten(login_values(cfg, "verl"))]
+    overrides += tree_overrides(login_values(cfg, "verl"))
     overrides += [
         f"trainer.default_local_dir={run_dir}",
         f"trainer.validation_data_dir={run_dir / 'validation'}",
