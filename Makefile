@@ -9,7 +9,7 @@ STAMP := $(VENV)/.opd-setup-done
 # set OPD_TINY_DIR to keep them elsewhere.
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-fast test-e2e lint format tiny tiny-data data demo bench-loss bench-step bench-tip plot-tokens repro-tip repro-paced convert \
+.PHONY: help setup test test-fast test-e2e lint format tiny tiny-data data demo bench-loss bench-step bench-tip plot-tokens repro-tip plot-paced repro-paced convert \
 	slurm-up slurm-down sweep-opd sweep-grpo submit status \
 	container-build container-build-cpu container-test-cpu container-lock container-push container-pull \
 	container-sif container-verify clean
@@ -77,6 +77,10 @@ plot-tokens: setup ## token-importance diagnostics of a run: quadrant scatter an
 
 repro-tip: setup ## TIP's rules on the tiny task through verl on CPU: 5 selections x 3 seeds, table + curves (~40 min)
 	$(PY) -m opd.tip repro $(REPRO_ARGS)
+
+plot-paced: setup ## PACED diagnostics of a run: prompts by pass rate, kept prompts, divergence by stage (PNG): make plot-paced RUN=dir
+	@test -n "$(RUN)" || { echo "usage: make plot-paced RUN=<run directory>" >&2; exit 2; }
+	$(PY) -m opd.paced plot $(RUN)
 
 repro-paced: setup ## PACED on the tiny task through verl on CPU: unweighted / PACED x KL schedule x 3 seeds, table + curves (~60 min)
 	$(PY) -m opd.paced repro $(REPRO_ARGS)

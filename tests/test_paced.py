@@ -14,7 +14,13 @@ from opd.distill.batch import TEACHER_PROMPTS, build_opd_batch
 from opd.distill.config import OPDConfig, OPDConfigError, Schedule
 from opd.distill.context import MissingContextError, teacher_messages, teacher_prompt_ids
 from opd.distill.step import StepSettings, run_step
-from opd.distill.weights import pass_rate_metrics, pass_rate_weights, pass_rates, sample_weights
+from opd.distill.weights import (
+    PASS_RATE_BINS,
+    pass_rate_metrics,
+    pass_rate_weights,
+    pass_rates,
+    sample_weights,
+)
 from test_opd_batch import rollout_batch
 
 VOCAB = 438
@@ -76,6 +82,9 @@ def test_pass_rates_and_the_histogram_of_prompts():
     assert metrics["paced/pass_rate/25-50"] == 0.5 and metrics["paced/pass_rate/0-25"] == 0.0
     assert metrics["paced/kept_prompts"] == 2 and metrics["paced/kept_prompt_fraction"] == 0.5
     assert metrics["paced/kept_rows"] == 4 and metrics["paced/pass_rate_mean"] == 0.5
+    from opd.paced import BINS  # the plot's copy of the bins (it imports no torch)
+
+    assert BINS == tuple(name for name, _, _ in PASS_RATE_BINS)
     with pytest.raises(ValueError, match="one uid per rollout row"):
         pass_rates(scores, uids[:-1])
 
@@ -355,3 +364,38 @@ def test_the_teacher_scores_the_response_after_its_own_prompt(tiny_assets):
             logits_N_V = teacher(**own.model_inputs("cpu")).logits[0]
         torch.testing.assert_close(signal.logits_N_V.float(), logits_N_V.to(torch.bfloat16).float())
         assert not torch.allclose(signal.logits_N_V.float(), plain_signal.logits_N_V.float())
+
+
+# --- the plot of a run -------------------------------------------------------------------------------------
+
+
+def test_paced_plot_draws_pass_rates_and_divergence_by_stage_from_metrics(tmp_path, capsys):
+    import json
+    import subprocess
+    import sys
+
+    from opd.paced import main, pass_rate_series
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        f.write(json.dumps({"step": 0, "data": {"val-core/x": 0.2}}) + "\n")  # validation only: skipped
+        for step in (1, 2, 3, 4):
+            shares = {"0": 0.5, "0-25": 0.1, "25-50": 0.1, "50-75": 0.1, "75-100": 0.1, "1": 0.1}
+            data = {f"paced/pass_rate/{k}": v for k, v in shares.items()}
+            loss_type = "forward_kl" if step <= 2 else "reverse_kl"
+            data |= {"paced/kept_prompt_fraction": 0.4, "opd/teacher_tokens_saved": 900.0 + step}
+            data |= {"opd/divergence": 1.0 / step, f"opd/divergence/{loss_type}": 1.0 / step}
+            f.write(json.dumps({"step": step, "data": data}) + "\n")
+    series = pass_rate_series(run_dir)
+    assert [s["step"] for s in series] == [1, 2, 3, 4]
+    assert [s["loss_type"] for s in series] == ["forward_kl"] * 2 + ["reverse_kl"] * 2
+    assert main(["plot", str(run_dir)]) == 0
+    assert (run_dir / "pass_rates.png").stat().st_size > 10_000
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["plot", str(empty)]) == 2 and "metrics.jsonl does not exist" in capsys.readouterr().err
+    (empty / "metrics.jsonl").write_text(json.dumps({"step": 1, "data": {"opd/divergence": 0.1}}) + "\n")
+    assert main(["plot", str(empty)]) == 2 and "method=paced" in capsys.readouterr().err
+    code = "import sys, opd.paced; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,7 +1,12 @@
-"""python -m opd.paced repro [--steps 24] [--seeds 0,1,2] [--variants unweighted,paced,...] [--out outputs/paced_repro]
+"""python -m opd.paced plot RUN_DIR [--out PNG]   (also: make plot-paced RUN=RUN_DIR)
+python -m opd.paced repro [--steps 24] [--seeds 0,1,2] [--variants unweighted,paced,...] [--out outputs/paced_repro]
    (also: make repro-paced)
 
 PACED (``opd.sample_weighting``, ``opd.schedule``; README "Sample weighting (PACED)").
+
+``plot``: a run's pass rates over training: the prompts per pass-rate bin at each step (never solved, by
+quarter, always solved), the kept prompts and the teacher tokens saved; and the divergence per step,
+coloured by the schedule's stage. Reads only ``metrics.jsonl``; imports no torch.
 
 ``repro``: the reproduction benchmark on the tiny task: OPD of the tiny student with 32 prompts x 4 samples
 per step, unweighted or with pass-rate weights (``configs/sample_weighting/``), each with reverse KL
@@ -18,6 +23,89 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"  # opd.runtime.METRICS_FILE (not imported: it pulls in the data checks)
+BINS = ("0", "0-25", "25-50", "50-75", "75-100", "1")  # opd.distill.weights.PASS_RATE_BINS (no torch here)
+LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def pass_rate_series(run_dir: Path) -> list[dict]:
+    """Per training step: the pass-rate bins' shares, kept prompts, teacher tokens saved and the divergence
+    with the loss type it was."""
+    from opd.repro import read_jsonl
+
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: give a run directory (it holds {METRICS_FILE})")
+    series = {}
+    for record in read_jsonl(path, "paced"):
+        data = record.get("data", {})
+        if "paced/pass_rate/0" not in data:
+            continue
+        loss_type = next((t for t in LOSS_TYPES if f"opd/divergence/{t}" in data), None)
+        series[record["step"]] = {
+            "step": record["step"],
+            "bins": [data[f"paced/pass_rate/{b}"] for b in BINS],
+            "kept": data.get("paced/kept_prompt_fraction", 0.0),
+            "saved": data.get("opd/teacher_tokens_saved", 0.0),
+            "divergence": data.get("opd/divergence"),
+            "loss_type": loss_type,
+        }
+    if not series:
+        raise ValueError(
+            f"{path} has no paced/* metrics: the run did not use opd.sample_weighting.method=paced"
+        )
+    return [series[s] for s in sorted(series)]
+
+
+def plot(run_dir: Path, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = pass_rate_series(run_dir)
+    steps = [s["step"] for s in series]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    bottom = [0.0] * len(steps)
+    colours = plt.get_cmap("RdYlGn")([i / (len(BINS) - 1) for i in range(len(BINS))])
+    for i, name in enumerate(BINS):
+        values = [s["bins"][i] for s in series]
+        left.bar(
+            steps,
+            values,
+            bottom=bottom,
+            width=0.9,
+            color=colours[i],
+            label=f"pass rate {name}%"
+            if "-" in name
+            else ("never solved" if name == "0" else "always solved"),
+        )
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    left.plot(steps, [s["kept"] for s in series], color="k", lw=2, marker="o", label="prompts kept")
+    left.set(
+        xlabel="step", ylabel="share of prompts", title="prompts by pass rate (kept: 0 < p < 1)", ylim=(0, 1)
+    )
+    left.legend(loc="lower left", fontsize=7)
+    saved = right.twinx()
+    saved.bar(steps, [s["saved"] for s in series], color="0.85", width=0.9, label="teacher tokens saved")
+    saved.set_ylabel("teacher tokens saved per step")
+    right.set_zorder(saved.get_zorder() + 1)
+    right.patch.set_visible(False)
+    for loss_type in LOSS_TYPES:
+        points = [(s["step"], s["divergence"]) for s in series if s["loss_type"] == loss_type]
+        if points:
+            right.plot(*zip(*points, strict=True), marker="o", ls="", label=loss_type)
+    right.set(xlabel="step", ylabel="divergence (nats)", title="divergence per step, by the schedule's stage")
+    right.legend(loc="upper right", fontsize=8)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
 
 # name -> (configs/sample_weighting, configs/divergence_schedule, extra verl overrides)
 VARIANTS = {
@@ -100,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plot", help="pass rates, kept prompts and the divergence by stage of a run (PNG)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/pass_rates.png)")
     r = sub.add_parser(
         "repro", help="the tiny task's comparison: unweighted / PACED x KL schedule (table + plot)"
     )
@@ -110,7 +201,15 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated, of {', '.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})",
     )
     args = parser.parse_args(argv)
-    return run_repro(args)
+    if args.command == "repro":
+        return run_repro(args)
+    try:
+        out = plot(args.run_dir, args.out or args.run_dir / "pass_rates.png")
+    except (FileNotFoundError, ValueError) as error:
+        print(f"[paced] {error}", file=sys.stderr)
+        return 2
+    print(f"[paced] {out}")
+    return 0
 
 
 if __name__ == "__main__":
