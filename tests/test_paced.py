@@ -326,19 +326,34 @@ def test_rows_of_weight_zero_never_reach_the_teacher_and_the_loss_is_over_the_re
     assert float((grad - reference).norm() / reference.norm()) < 1e-5  # equal weights: the unweighted loss
 
 
-def test_normalise_none_scales_the_loss_by_the_raw_weights(tiny_assets):
-    rows = tiny_rows(4)
-    uids, scores = ["a", "a", "a", "a"], torch.tensor([1.0, 0.0, 0.0, 0.0])  # p = 1/4: w = 3/16
+@pytest.mark.parametrize("loss_agg_mode", ["token-mean", "seq-mean-token-mean"])
+def test_normalise_none_scales_the_loss_by_the_raw_weights_over_every_rollout(tiny_assets, loss_agg_mode):
+    """``none``: the plain mean of w x d over every rollout row, so a row dropped for weight 0 still counts
+    in the normaliser (with zeros); ``mean``: the weighted mean over the kept rows."""
+    rows = tiny_rows(6)
+    uids = ["a", "a", "a", "a", "b", "b"]  # a: p = 1/4, w = 3/16; b: always solved, dropped
+    scores = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])
     grads = {}
     for normalise in ("mean", "none"):
         weights_B = pass_rate_weights(scores, uids, normalise=normalise)
         config = OPDConfig.from_mapping(
-            {"teacher_signal": "hidden", "vocab_size": VOCAB, "sample_weighting": {"normalise": normalise}}
+            {
+                "teacher_signal": "hidden",
+                "vocab_size": VOCAB,
+                "loss_agg_mode": loss_agg_mode,
+                "sample_weighting": {"normalise": normalise},
+            }
         )
         opd = build_opd_batch(rollout_batch(rows, weights=weights_B.tolist()), pad_token_id=0)
+        assert opd.kept_rows == [0, 1, 2, 3]
         student, teacher = load(tiny_assets / "student"), load(tiny_assets / "teacher")
-        grads[normalise], _ = step_gradient(student, teacher, opd, config, 4)
-    torch.testing.assert_close(grads["none"], grads["mean"] * 3 / 16, rtol=1e-4, atol=1e-9)
+        grads[normalise], _ = step_gradient(student, teacher, opd, config, 6)
+    if loss_agg_mode == "token-mean":  # mean: sum d / (kept tokens); none: 3/16 sum d / (every row's tokens)
+        kept, every = sum(len(rows[i][1]) for i in range(4)), sum(len(r[1]) for r in rows)
+        factor = 3 / 16 * kept / every
+    else:  # per row: mean: sum mean_i / 4 rows; none: 3/16 sum mean_i / 6 rows
+        factor = 3 / 16 * 4 / 6
+    torch.testing.assert_close(grads["none"], grads["mean"] * factor, rtol=1e-4, atol=1e-9)
 
 
 def test_the_teacher_scores_the_response_after_its_own_prompt(tiny_assets):

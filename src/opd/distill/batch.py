@@ -40,6 +40,9 @@ class OPDBatch:
     # the teacher's rows when its prompts differ (opd.teacher_context): the same rows in the same order with
     # the same response tokens and targets, after the teacher's own prompt
     teacher_rows: OPDBatch | None = None
+    # (rollout row, model tokens) of the rows dropped for weight 0: with opd.sample_weighting.normalise=none
+    # they still count in the loss normaliser (opd.distill.step)
+    dropped_targets: list[tuple[int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.input_ids_B_L.shape[0]
@@ -111,12 +114,14 @@ def _assemble(
     kept, kept_rows = [], []
     n_truncated = n_skipped_long = n_skipped_no_target = n_skipped_weight = tokens_saved = 0
     weights_all = batch.batch["sample_weight"].float() if "sample_weight" in batch.batch.keys() else None
+    dropped_targets: list[tuple[int, int]] = []
     for b, (prompt, response, mask) in enumerate(rows):
         if weights_all is not None and float(weights_all[b]) == 0.0:
             # weight 0 (e.g. a prompt the student always or never solves, opd.sample_weighting=paced): it adds
             # nothing to the loss, so neither model runs on it
             n_skipped_weight += 1
             tokens_saved += len(prompt) + len(response)
+            dropped_targets.append((b, sum(mask)))
             continue
         if max_length is not None and len(prompt) + len(response) > max_length:
             if overlong == "error":
@@ -178,7 +183,17 @@ def _assemble(
         teacher_rows = OPDBatch(t_ids, t_attention, t_positions, t_target, t_prompt_lengths, kept_rows)
         stats["opd/teacher_prompt_extra_tokens"] = float((t_prompt_lengths - prompt_lengths).sum())
     return OPDBatch(
-        input_ids, attention, positions, target, prompt_lengths, kept_rows, weights, uids, stats, teacher_rows
+        input_ids,
+        attention,
+        positions,
+        target,
+        prompt_lengths,
+        kept_rows,
+        weights,
+        uids,
+        stats,
+        teacher_rows,
+        dropped_targets,
     )
 
 

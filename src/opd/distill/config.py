@@ -49,8 +49,9 @@ _RULES_NEEDING_DIVERGENCE = ("divergence", "soft_or", "q3")
 SAMPLE_WEIGHTINGS = ("auto", "none", "reward_softmax", "paced")
 # mean: weights scaled to mean 1 over the rows that keep a weight (the loss is the weighted mean of the
 # divergence: the step divides by the weights' sum, so the loss scale is unweighted distillation's);
-# none: raw weights and a normaliser that counts tokens (rows) unweighted, so a batch whose prompts carry
-# little signal gives a smaller loss and gradient
+# none: raw weights and a normaliser that counts every rollout's tokens (rows) unweighted, those dropped for
+# weight 0 included (the plain mean of w x d), so a batch whose prompts carry little signal gives a smaller
+# loss and gradient
 WEIGHT_NORMALISERS = ("mean", "none")
 # the divergence schedule's stage boundaries (opd.schedule.unit): fraction of the training's steps, or steps
 SCHEDULE_UNITS = ("fraction", "step")

@@ -97,6 +97,7 @@ class StepPlan:
     minis: list[list[PackedMicroBatch]]
     normaliser_M: list[float]
     stats: dict[str, float] = field(default_factory=dict)
+    dropped_M: list[float] = field(default_factory=list)  # this rank's share of dropped rows, per mini-batch
 
 
 def _row_weights(opd: OPDBatch) -> torch.Tensor:
@@ -123,6 +124,30 @@ def _counted_per_row(opd: OPDBatch, opd_config: OPDConfig) -> torch.Tensor:
     if sel.active and sel.scope == "rollout" and sel.normalise == "kept":
         return kept_count(targets_B, sel.ratio).float()
     return targets_B
+
+
+def _dropped_counts(
+    opd: OPDBatch, opd_config: OPDConfig, rows_per_mini_batch: int, n_mini: int
+) -> list[float]:
+    """``opd.sample_weighting.normalise=none``: the rows dropped for weight 0 still count in the normaliser (the
+    loss is the plain mean of w x d over every rollout, a dropped row adding zeros), per mini-batch: their
+    tokens (token-mean; what token selection would count of them), or one per row (seq-mean-token-mean)."""
+    counts = [0.0] * n_mini
+    if opd_config.sample_weighting.normalise != "none":
+        return counts
+    sel = opd_config.token_selection
+    for row, targets in opd.dropped_targets:
+        m = row // rows_per_mini_batch
+        if opd_config.loss_agg_mode != "token-mean":
+            counts[m] += 1.0
+        elif sel.active and sel.normalise == "kept":
+            if sel.scope == "rollout":
+                counts[m] += float(kept_count(torch.tensor([float(targets)]), sel.ratio)[0])
+            else:
+                counts[m] += sel.ratio * targets
+        else:
+            counts[m] += float(targets)
+    return counts
 
 
 def plan_passes(
@@ -152,13 +177,14 @@ def plan_passes(
     pad_to(minis, [int(c) for c in counts], pad_token_id)
     flat = [mb for micro in minis for mb in micro]
     weights_B, targets_B = _normaliser_weights(opd, opd_config), _counted_per_row(opd, opd_config)
+    dropped_M = _dropped_counts(opd, opd_config, settings.rows_per_mini_batch, len(minis))
     local_norm = []
-    for micro in minis:
+    for m, micro in enumerate(minis):
         rows = torch.cat([mb.rows_R for mb in micro])
         per_row = (
             weights_B[rows] * targets_B[rows] if opd_config.loss_agg_mode == "token-mean" else weights_B[rows]
         )
-        local_norm.append(float(per_row.sum()))
+        local_norm.append(float(per_row.sum()) + dropped_M[m])
     # one sum-reduce: each mini-batch's normaliser, and the step's counts over all ranks
     *normaliser, padding, packed, logit_rows, targets = collectives.all_reduce(
         [
@@ -180,7 +206,7 @@ def plan_passes(
         "opd/micro_batches_per_rank_min": -fewest_neg,  # before padding
         "opd/micro_batches_per_rank_max": most,
     }
-    return StepPlan(minis, normaliser, stats)
+    return StepPlan(minis, normaliser, stats, dropped_M)
 
 
 def global_stats(
@@ -390,6 +416,7 @@ def student_phase(
                     epoch,
                     collectives,
                     device,
+                    plan.dropped_M[m] if plan.dropped_M else 0.0,
                 )
                 normaliser = normaliser if kept_normaliser is None else kept_normaliser
             for i, (mb, signal) in enumerate(zip(micro, signals, strict=True)):
@@ -519,7 +546,7 @@ def _select_in(
 
 
 def _score_mini_batch(
-    student, micro, signals, opd, opd_config, loss_type, vocab, step, epoch, collectives, device
+    student, micro, signals, opd, opd_config, loss_type, vocab, step, epoch, collectives, device, dropped=0.0
 ):
     """``mini_batch`` scope: a no-grad forward of every micro-batch scores its tokens; this rank's
     mini-batch keeps its top floor(ratio x tokens). Returns each micro-batch's scores (``selected_N``: the
@@ -574,7 +601,7 @@ def _score_mini_batch(
             else:
                 local = float(weights_B[counted_B > 0].sum())
     if sel.normalise == "kept":
-        (normaliser,) = collectives.all_reduce([local], "sum", device)
+        (normaliser,) = collectives.all_reduce([local + dropped], "sum", device)
     else:
         normaliser, counted_B = None, None
     for i, r in enumerate(scored):
