@@ -66,7 +66,7 @@ def plot(run_dir: Path, out: Path) -> Path:
 
     series = pass_rate_series(run_dir)
     steps = [s["step"] for s in series]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.5))
     bottom = [0.0] * len(steps)
     colours = plt.get_cmap("RdYlGn")([i / (len(BINS) - 1) for i in range(len(BINS))])
     for i, name in enumerate(BINS):
@@ -86,7 +86,7 @@ def plot(run_dir: Path, out: Path) -> Path:
     left.set(
         xlabel="step", ylabel="share of prompts", title="prompts by pass rate (kept: 0 < p < 1)", ylim=(0, 1)
     )
-    left.legend(loc="lower left", fontsize=7)
+    left.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)  # outside: the bars fill the axes
     saved = right.twinx()
     saved.bar(steps, [s["saved"] for s in series], color="0.85", width=0.9, label="teacher tokens saved")
     saved.set_ylabel("teacher tokens saved per step")
