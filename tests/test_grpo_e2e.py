@@ -79,7 +79,11 @@ def test_each_recipe_trains_with_its_own_kl_setting(variant_run):
     train_steps = [r["data"] for r in read_metrics(run_dir) if "actor/pg_loss" in r["data"]]
     if launcher == "train_grpo_native.sh":
         assert all(math.isfinite(step["actor/kl_loss"]) for step in train_steps)
-        assert train_steps[-1]["actor/kl_loss"] > 0  # step 2's policy has moved away from the reference
+        # the KL to the reference is positive once an earlier step moved the policy; a first step whose
+        # samples all scored the same (zero advantages, gradient norm 0: about 1 run in 7 with the tiny
+        # student) leaves the policy at the reference, and the KL at exactly 0
+        moved = any(step["actor/grad_norm"] > 0 for step in train_steps[:-1])
+        assert (train_steps[-1]["actor/kl_loss"] > 0) == moved, train_steps
     else:
         assert all(step.get("actor/kl_loss", 0.0) == 0.0 for step in train_steps)  # verl logs 0 without KL
     assert run_dir.name.startswith("student-local-GRPO")
