@@ -24,7 +24,8 @@ import argparse
 import sys
 from pathlib import Path
 
-METRICS_FILE = "metrics.jsonl"  # opd.runtime.METRICS_FILE (not imported: it pulls in the data checks)
+from opd.repro import METRICS_FILE  # the run files' one home on the login side (no torch)
+
 BINS = ("0", "0-25", "25-50", "50-75", "75-100", "1")  # opd.distill.weights.PASS_RATE_BINS (no torch here)
 LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd")
 

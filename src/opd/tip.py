@@ -27,7 +27,8 @@ import argparse
 import sys
 from pathlib import Path
 
-METRICS_FILE = "metrics.jsonl"  # opd.runtime.METRICS_FILE (not imported: it pulls in the data checks)
+from opd.repro import METRICS_FILE  # the run files' one home on the login side (no torch)
+
 PAIRS_FILE = "token_pairs.jsonl"  # opd.distill.trainer.TOKEN_PAIRS_FILE
 QUADRANTS = ("q1", "q2", "q3", "q4")
 LABELS = {
@@ -132,8 +133,6 @@ REPRO_RULES = ("all", "entropy_50", "soft_or_50", "q3_20", "random_50")  # confi
 
 
 def run_repro(args) -> int:
-    from pathlib import Path
-
     import opd.tiny
     from opd.demo import demo_overrides, tiny_opd_overrides
     from opd.repro import Comparison, group_overrides, run
