@@ -12,7 +12,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from opd.data.checks import InputError, resolve_model_dir
+from opd.data.checks import InputError, deferred, resolve_model_dir
 from opd.distill.config import OPDConfig, OPDConfigError, check_trainer
 from opd.runtime import check_inputs, exit_on_input_error, prepare
 
@@ -48,6 +48,14 @@ def check_teacher(config: DictConfig) -> None:
         )
     else:
         teacher = resolve_model_dir(opd.teacher_path, "teacher", "TEACHER_MODEL_PATH / opd.teacher_path")
+    if deferred(student) or deferred(teacher):  # an earlier run of the chain writes it: checked in the job
+        with open_dict(config):
+            if opd.get("teacher", "model") != "self":
+                opd.teacher_path = teacher
+            if config.actor_rollout_ref.ref.get("model") is None:
+                config.actor_rollout_ref.ref.model = {}
+            config.actor_rollout_ref.ref.model.path = teacher
+        return
     student_tokenizer = AutoTokenizer.from_pretrained(student)
     teacher_tokenizer = AutoTokenizer.from_pretrained(teacher)
     if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():

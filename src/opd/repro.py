@@ -40,7 +40,7 @@ def group_overrides(group: str, name: str) -> list[str]:
     from omegaconf import OmegaConf
 
     from opd.launch import CONFIGS
-    from opd.launch.rundir import tree_overrides
+    from opd.launch.overrides import tree_overrides
 
     path = Path(CONFIGS) / group / f"{name}.yaml"
     if not path.is_file():

@@ -15,13 +15,27 @@ def _is_remote(path: str) -> bool:
     return "://" in path  # hdfs://, s3://, ...: verl copies these itself
 
 
+DEFERRED_ENV = "OPD_DEFERRED_INPUTS"
+
+
+def deferred(path: str | None) -> bool:
+    """A path that an earlier run of a chain will write (it lies under one of the directories in
+    ``OPD_DEFERRED_INPUTS``, set at submission for ``after=`` runs) and that does not exist yet: its
+    check moves to the job's start, where the entry point runs its checks again."""
+    roots = [r for r in os.environ.get(DEFERRED_ENV, "").split(os.pathsep) if r]
+    if not path or not roots or os.path.exists(path):
+        return False
+    absolute = os.path.abspath(os.path.expanduser(str(path)))
+    return any(absolute == root or absolute.startswith(root.rstrip("/") + "/") for root in roots)
+
+
 def resolve_model_dir(
     path: str | None, what: str = "model", setting: str = "actor_rollout_ref.model.path"
 ) -> str:
     """Return a local model directory (or a remote URI) for ``path``; raise InputError otherwise."""
     if not path:
         raise InputError(f"no {what} path given: set {setting}=/path/to/hf_model_dir")
-    if _is_remote(path):
+    if _is_remote(path) or deferred(path):
         return path
     local = Path(os.path.expanduser(path))
     if not local.exists():
@@ -57,7 +71,7 @@ def _hub_cache_dir(repo_id: str) -> str | None:
 
 def check_chat_template(model_dir: str, setting: str = "actor_rollout_ref.model.path") -> None:
     """Rollouts render prompts with the tokenizer's chat template; a base model without one cannot."""
-    if _is_remote(model_dir):
+    if _is_remote(model_dir) or deferred(model_dir):
         return
     from transformers import AutoTokenizer
 
@@ -78,7 +92,7 @@ RL_REWARD_COLUMNS = ("data_source", "reward_model")
 
 def check_rl_parquet(path: str, setting: str, need_reward_columns: bool = True) -> int:
     """Validate one parquet file in verl's RL format; return its row count."""
-    if _is_remote(path):
+    if _is_remote(path) or deferred(path):
         return -1
     import pyarrow.parquet as pq
 

@@ -44,26 +44,97 @@ class ClusterError(RuntimeError):
     """The job's Ray cluster could not be brought up or lost a node; the message says which and where."""
 
 
-def ephemeral_low() -> int:
-    """Ports at or above this are handed out by the kernel for outgoing connections: stay below."""
+EPHEMERAL_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+# Where automatic layouts may start: below 10,000 sit many services' well-known ports (databases,
+# web servers); the last resort goes down to 2,048, still clear of the privileged ports.
+FALLBACK_LOWEST_PORT = 2048
+
+
+def ephemeral_range(text: str | None = None) -> tuple[int, int]:
+    """This host's ephemeral port range (the kernel hands these out for outgoing connections: a Ray
+    port in it can be taken by any process's connection before Ray binds it)."""
     try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
+        if text is None:
+            text = Path(EPHEMERAL_FILE).read_text()
+        low, high = (int(field) for field in text.split()[:2])
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
-def band_count() -> int:
-    return (ephemeral_low() - LOWEST_PORT) // BAND_SIZE
+@dataclass(frozen=True)
+class PortLayout:
+    """Ports ``[low, high)`` cut into bands of ``BAND_SIZE``: one band per job (by job id), one slot per
+    node of the job on a host. ``cluster.ray_ports: [low, high]`` fixes the range (a site whose
+    firewall opens one range); null derives it from each host's ephemeral range."""
 
+    low: int
+    high: int
+    origin: str
 
-def slot_ports(job_id: int, node_rank: int, shift: int = 0) -> dict[str, int]:
-    """Ports of one node: band ``(job_id + shift) mod bands``, slot ``node_rank mod 2``."""
-    band = (job_id + shift) % band_count()
-    base = LOWEST_PORT + band * BAND_SIZE + (node_rank % SLOTS_PER_BAND) * SLOT_SIZE
-    ports = {name: base + offset for name, offset in PORT_OFFSETS.items()}
-    ports["min-worker-port"] = base + FIRST_WORKER_OFFSET
-    ports["max-worker-port"] = base + SLOT_SIZE - 1
-    return ports
+    @classmethod
+    def from_config(cls, ports: list | None, ephemeral: tuple[int, int] | None = None) -> PortLayout:
+        if ports:
+            if len(ports) != 2 or not all(isinstance(p, int) for p in ports):
+                raise ClusterError(
+                    f"cluster.ray_ports={ports}: give two port numbers [low, high] (high excluded)"
+                )
+            layout = cls(int(ports[0]), int(ports[1]), "cluster.ray_ports")
+            if not 1024 <= layout.low < layout.high <= 65536 or layout.bands < 1:
+                raise ClusterError(
+                    f"cluster.ray_ports={ports} holds no band of {BAND_SIZE} ports between 1024 and 65536: "
+                    f"give a range at least {BAND_SIZE} wide (one band per concurrent job on a host)"
+                )
+            return layout
+        return cls.automatic(ephemeral or ephemeral_range())
+
+    @classmethod
+    def automatic(cls, ephemeral: tuple[int, int]) -> PortLayout:
+        """From ``LOWEST_PORT`` up to the ephemeral range; if that has no room (a floor of 9,000, as on
+        some GPU nodes), above the range's top; else from ``FALLBACK_LOWEST_PORT`` up to it."""
+        floor, ceiling = ephemeral
+        candidates = [
+            cls(LOWEST_PORT, floor, f"below the ephemeral range {floor}-{ceiling}"),
+            cls(ceiling + 1, 65536, f"above the ephemeral range {floor}-{ceiling}"),
+            cls(FALLBACK_LOWEST_PORT, floor, f"below the ephemeral range {floor}-{ceiling}"),
+        ]
+        for layout in candidates:
+            if layout.bands >= 1:
+                return layout
+        raise ClusterError(
+            f"the ephemeral port range {floor}-{ceiling} of {socket.gethostname()} leaves no room for a band of "
+            f"{BAND_SIZE} Ray ports: set cluster.ray_ports: [low, high] to a range your site keeps free"
+        )
+
+    @property
+    def bands(self) -> int:
+        return max(0, (self.high - self.low) // BAND_SIZE)
+
+    def slot_ports(self, job_id: int, node_rank: int, shift: int = 0) -> dict[str, int]:
+        """Ports of one node: band ``(job_id + shift) mod bands``, slot ``node_rank mod 2``."""
+        band = (job_id + shift) % self.bands
+        base = self.low + band * BAND_SIZE + (node_rank % SLOTS_PER_BAND) * SLOT_SIZE
+        ports = {name: base + offset for name, offset in PORT_OFFSETS.items()}
+        ports["min-worker-port"] = base + FIRST_WORKER_OFFSET
+        ports["max-worker-port"] = base + SLOT_SIZE - 1
+        return ports
+
+    def free_ports(self, job_id: int, node_rank: int, head: bool) -> dict[str, int]:
+        """The job's own band if its ports are free on this host, else the next free band.
+
+        Job ids that differ by a multiple of the band count map to the same band; probing turns that
+        rare aliasing into a shift instead of a collision."""
+        for shift in range(self.bands):
+            ports = self.slot_ports(job_id, node_rank, shift)
+            fixed = [
+                p for name, p in ports.items() if name in PORT_OFFSETS and (head or name not in HEAD_ONLY)
+            ]
+            workers = range(ports["min-worker-port"], ports["max-worker-port"] + 1)
+            if all(_port_free(p) for p in [*fixed, *workers]):
+                return ports
+        raise ClusterError(
+            f"no free Ray port band in {self.low}-{self.high - 1} ({self.origin}) on {socket.gethostname()}"
+        )
 
 
 def _port_free(port: int) -> bool:
@@ -76,18 +147,34 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def free_ports(job_id: int, node_rank: int, head: bool) -> dict[str, int]:
-    """The job's own band if its ports are free on this host, else the next free band.
+def interface_address(name: str) -> str:
+    """The IPv4 address of network interface ``name`` (e.g. ``ib0``) on this host."""
+    import fcntl
+    import struct
 
-    Job ids that differ by a multiple of the band count map to the same band; probing turns that rare
-    aliasing into a shift instead of a collision."""
-    for shift in range(band_count()):
-        ports = slot_ports(job_id, node_rank, shift)
-        fixed = [p for name, p in ports.items() if name in PORT_OFFSETS and (head or name not in HEAD_ONLY)]
-        workers = range(ports["min-worker-port"], ports["max-worker-port"] + 1)
-        if all(_port_free(p) for p in [*fixed, *workers]):
-            return ports
-    raise ClusterError(f"no free Ray port band below {ephemeral_low()} on {socket.gethostname()}")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            packed = fcntl.ioctl(
+                sock.fileno(), 0x8915, struct.pack("256s", name.encode()[:15])
+            )  # SIOCGIFADDR
+        except OSError as error:
+            known = ", ".join(n for _, n in socket.if_nameindex())
+            raise ClusterError(
+                f"cluster.network_interface={name}: {socket.gethostname()} has no IPv4 address on it ({error}); "
+                f"its interfaces: {known}"
+            ) from None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def node_address(network_interface: str | None) -> str | None:
+    """The address Ray advertises for this node (``--node-ip-address``): null leaves Ray's own choice
+    (the interface of the default route); ``hostname``: the address the node's name resolves to;
+    anything else names an interface (the fabric the nodes reach each other on: ``ib0``, ``hsn0``)."""
+    if not network_interface:
+        return None
+    if network_interface == "hostname":
+        return socket.gethostbyname(socket.gethostname())
+    return interface_address(network_interface)
 
 
 @dataclass
@@ -142,10 +229,18 @@ def ray_env(token_path: Path, address: str | None = None) -> dict[str, str]:
 
 
 def ray_start_command(
-    ray: str, ports: dict[str, int], temp_dir: str, head_address: str | None, resources: dict
+    ray: str,
+    ports: dict[str, int],
+    temp_dir: str,
+    head_address: str | None,
+    resources: dict,
+    node_ip: str | None = None,
 ) -> list[str]:
-    """``ray start --block`` with every port pinned; ``head_address=None`` starts the head."""
+    """``ray start --block`` with every port pinned; ``head_address=None`` starts the head; ``node_ip``:
+    the address this node advertises (multi-NIC nodes: the one the other nodes can reach)."""
     command = [ray, "start", "--block", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    if node_ip:
+        command.append(f"--node-ip-address={node_ip}")
     if head_address is None:
         command += ["--head", "--include-dashboard=false"]
     else:

@@ -4,7 +4,9 @@
   ``config.yaml``      the resolved verl config the job runs (no interpolations left)
   ``launch.yaml``      the resolved login config: experiment, resources, cluster, container, verl overrides
   ``overrides.txt``    the command-line / sweep overrides of this run, then the verl overrides they became
-  ``git.txt``          commit, branch and ``git diff --stat`` of the opd checkout that submitted it
+  ``code/``            the package, job scripts and configs as submitted: what every attempt imports
+                       (``opd.launch.snapshot``; a sweep's points link to one shared copy)
+  ``git.txt``          commit, branch, the full diff and untracked files of the checkout that submitted it
   ``environment.sh``   the allowlisted variables (``env_allowlist``) as they were at submission
   ``rerun.sbatch``     ``sbatch RUN_DIR/rerun.sbatch`` reruns exactly this job (resuming its checkpoints)
   ``logs/<job>.<n>/``  one directory per attempt: node logs, driver log, the driver's .hydra
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -23,42 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 import opd.config  # noqa: F401  (opd.* resolvers used by the login configs)
-from opd.launch import REPO, SubmissionError, container
-
-
-def _value(value) -> str:
-    """A Python value as a Hydra override value (quoted where the override grammar needs it)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{_value(v)}" for k, v in value.items()) + "}"
-    text = str(value)
-    if re.fullmatch(r"[\w./@:+\-]+", text) and text not in ("null", "true", "false"):
-        return text
-    # Hydra's quoted strings: backslashes are escaped only where they precede a quote (or the end).
-    text = re.sub(r"(\\+)('|$)", lambda m: m.group(1) * 2 + m.group(2), text)
-    return "'" + text.replace("'", "\\'") + "'"
-
-
-def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
-    items = []
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            items += _flatten(value, f"{prefix}{key}.")
-        else:
-            items.append((f"{prefix}{key}", value))
-    return items
-
-
-def tree_overrides(tree: dict) -> list[str]:
-    """``key.path=value`` overrides of a nested dict's leaves (lists and empty dicts stay whole)."""
-    return [f"{key}={_value(value)}" for key, value in _flatten(tree)]
+from opd.data.checks import DEFERRED_ENV
+from opd.launch import JOBS_FILE, REPO, SubmissionError, container, sbatch, snapshot
+from opd.launch.overrides import tree_overrides
+from opd.launch.ray_cluster import ClusterError, PortLayout
 
 
 def login_values(cfg: DictConfig, key: str):
@@ -76,9 +47,41 @@ def login_values(cfg: DictConfig, key: str):
         raise SubmissionError(f"{key}: {error}") from None
 
 
-def verl_overrides(cfg: DictConfig, run_dir: Path) -> list[str]:
+def absolute_path_variables(names: list[str]) -> dict[str, str]:
+    """Make the variables in ``names`` that hold a relative path to something that exists here absolute,
+    in this process's environment; return the ones changed.
+
+    The check at submission runs where the user stands, the job elsewhere (its run directory): a
+    relative ``DATA_DIR`` would pass one and fail the other. A value that is no existing path (a hub
+    model id, a URL) is left alone, and so is a missing path: the entry's own check names it."""
+    changed = {}
+    for name in names:
+        value = os.environ.get(name)
+        if value and "://" not in value and not os.path.isabs(value) and os.path.exists(value):
+            changed[name] = os.environ[name] = os.path.abspath(value)
+    return changed
+
+
+def absolute_paths(tree, roots: list[str] = ()):
+    """``tree`` with every string leaf that names a relative path (from here) made absolute: an existing
+    one, or one under ``roots`` (the directories of the runs a chained run waits for, not written yet)."""
+    if isinstance(tree, dict):
+        return {key: absolute_paths(value, roots) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [absolute_paths(value, roots) for value in tree]
+    if isinstance(tree, str) and tree and not os.path.isabs(tree) and "://" not in tree:
+        # only values that look like paths: a bare word (`jsd`) that happens to name a file here stays
+        absolute = os.path.abspath(tree)
+        future = any(absolute.startswith(root.rstrip("/") + "/") for root in roots)
+        if ("/" in tree or "." in tree) and (os.path.exists(tree) or future):
+            return absolute
+    return tree
+
+
+def verl_overrides(cfg: DictConfig, run_dir: Path, roots: list[str] = ()) -> list[str]:
     """Recipe, platform and resources (stated once, in resources/), the experiment's and sweep's
-    ``verl`` keys, and the run directory as verl's checkpoint/validation/metrics location."""
+    ``verl`` keys (relative paths made absolute), and the run directory as verl's
+    checkpoint/validation/metrics location."""
     resources = login_values(cfg, "resources")
     overrides = []
     if cfg.experiment.recipe:
@@ -88,7 +91,7 @@ def verl_overrides(cfg: DictConfig, run_dir: Path) -> list[str]:
         f"trainer.nnodes={resources['nodes']}",
         f"trainer.n_gpus_per_node={resources['workers_per_node']}",
     ]
-    overrides += tree_overrides(login_values(cfg, "verl"))
+    overrides += tree_overrides(absolute_paths(login_values(cfg, "verl"), roots))
     overrides += [
         f"trainer.default_local_dir={run_dir}",
         f"trainer.validation_data_dir={run_dir / 'validation'}",
@@ -97,13 +100,35 @@ def verl_overrides(cfg: DictConfig, run_dir: Path) -> list[str]:
     return overrides
 
 
-def compose_verl(entry: str, overrides: list[str], out: Path, python: list[str]) -> None:
+def upstream(directories: list[str]) -> list[dict]:
+    """The runs a chained run waits for (``after=``): each directory with the job ids of its jobs.tsv."""
+    from opd.launch.status import read_jobs
+
+    runs = []
+    for directory in directories:
+        path = Path(directory).resolve()
+        try:
+            jobs = [job for job, _, _ in read_jobs(path)]
+        except FileNotFoundError:
+            raise SubmissionError(
+                f"after={directory}: no {JOBS_FILE} there; give a directory printed by make submit or make sweep-*"
+            ) from None
+        runs.append({"dir": str(path), "jobs": jobs})
+    return runs
+
+
+def compose_verl(
+    entry: str, overrides: list[str], out: Path, python: list[str], deferred: list[str] = ()
+) -> None:
     """``python -m opd.launch.compose`` in a subprocess (verl's config tree imports torch), with
-    ``python`` the interpreter's command: the submitting one, or the image's behind its exec prefix."""
+    ``python`` the interpreter's command: the submitting one, or the image's behind its exec prefix.
+    ``deferred``: directories whose not-yet-written inputs are checked in the job instead (``after=``)."""
+    env = dict(os.environ, **{DEFERRED_ENV: os.pathsep.join(deferred)}) if deferred else None
     result = subprocess.run(
         [*python, "-m", "opd.launch.compose", entry, str(out), *overrides],
         capture_output=True,
         text=True,
+        env=env,
     )
     if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -111,21 +136,46 @@ def compose_verl(entry: str, overrides: list[str], out: Path, python: list[str])
         raise SubmissionError(errors[-1] if errors else "\n".join(lines[-15:]))
 
 
-def git_description() -> str:
-    def git(*args: str) -> str:
-        result = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
-        return result.stdout.strip() if result.returncode == 0 else ""
+GPU_PROBE = """
+import importlib.util, json, sys
+try:
+    import torch
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda}
+except ImportError as error:
+    info = {"torch": None, "cuda": None, "error": str(error)}
+info["engines"] = {name: importlib.util.find_spec(name) is not None for name in ("sglang", "vllm")}
+info["executable"] = sys.executable
+print(json.dumps(info))
+"""
 
-    sha = git("rev-parse", "HEAD")
-    if not sha:
-        return f"{REPO} is not a git checkout\n"
-    diff = git("diff", "--stat", "HEAD")
-    untracked = git("ls-files", "--others", "--exclude-standard")
-    return (
-        f"commit {sha}\nbranch {git('rev-parse', '--abbrev-ref', 'HEAD')}\n"
-        f"dirty {'yes' if diff or untracked else 'no'}\n\n{diff}\n"
-        + (f"\nuntracked:\n{untracked}\n" if untracked else "")
+
+def check_gpu_environment(python: list[str], engine: str | None, what: str) -> dict:
+    """Refuse a GPU run whose job interpreter has a CPU-only torch, or lacks the rollout engine.
+
+    The job's interpreter is the submitting Python (``container: none``) or the image's: a login node's
+    ``make setup`` venv (CPU torch, no engine) would start, allocate GPUs, and fail inside the job."""
+    result = subprocess.run([*python, "-c", GPU_PROBE], capture_output=True, text=True)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        raise SubmissionError(
+            f"could not run the job's Python ({' '.join(python)}): {result.stderr.strip()[-500:]}"
+        )
+    info = json.loads(lines[-1])
+    fix = (
+        "build the GPU environment on a shared filesystem (make setup ENV=gpu VENV=/shared/opd-gpu) and submit "
+        "with its Python, or run in the image (container=apptainer with OPD_IMAGE=...; make container-pull)"
     )
+    if not info.get("cuda"):
+        build = f"torch {info['torch']} (a CPU-only build)" if info.get("torch") else "no torch"
+        raise SubmissionError(
+            f"{what} asks for GPUs, but the job's Python ({info['executable']}) has {build}: {fix}"
+        )
+    if engine and engine in info["engines"] and not info["engines"][engine]:
+        raise SubmissionError(
+            f"{what} rolls out with {engine}, which the job's Python ({info['executable']}) cannot import: {fix} "
+            f"(or choose the engine it has: verl.actor_rollout_ref.rollout.name=...)"
+        )
+    return info
 
 
 def environment_script(allowlist: list[str]) -> str:
@@ -134,95 +184,58 @@ def environment_script(allowlist: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def sbatch_options(launch: dict, run_dir: Path) -> list[str]:
-    """The scheduler request, from the same resources/ and cluster/ values the launcher uses."""
-    resources, cluster = launch["resources"], launch["cluster"]
-    options = {
-        "job-name": launch["experiment"]["name"],
-        "nodes": resources["nodes"],
-        "ntasks-per-node": 1,
-        "cpus-per-task": resources["cpus_per_task"],
-        "gpus-per-node": resources["gpus_per_node"],
-        "mem": f"{resources['mem_gb']}G" if resources.get("mem_gb") else None,
-        "time": resources["timeout_min"],
-        "partition": cluster.get("partition"),
-        "account": cluster.get("account"),
-        "qos": cluster.get("qos"),
-        "output": f"{run_dir}/logs/slurm-%j.out",
-        "open-mode": "append",  # a requeued job appends to its log instead of truncating it
-        "requeue": True,
-        # USR2 to the batch shell (B:) this long before the walltime: its trap requeues the job, which
-        # resumes from its last checkpoint. Only the shell: Ray and verl would die of an unhandled USR2.
-        "signal": f"B:USR2@{cluster.get('signal_delay_s', 120)}",
-        **cluster.get("additional_parameters", {}),
-    }
-    lines = []
-    for key, value in options.items():
-        if value is None or value is False:
-            continue
-        lines.append(f"#SBATCH --{key}" if value is True else f"#SBATCH --{key}={value}")
-    return lines
-
-
 def python_command(launch: dict, gpu: bool = True) -> list[str]:
-    """The interpreter a job (or the config composition, ``gpu=False``) runs: inside the image when the
-    container config names one, else the submitting Python."""
+    """The interpreter a job (or the config composition at submission, ``gpu=False``) runs: inside the
+    image when the container config names one, else the submitting Python. The job runs the run's code
+    snapshot (``launch["code"]``); the composition, the checkout it is taken from."""
     spec = launch["container"]
     if not container.enabled(spec):
         return [launch["python"]]
-    return [*container.exec_prefix(spec, launch["env_allowlist"], gpu=gpu), spec.get("python") or "python"]
+    code = launch.get("code") if gpu else None
+    prefix = container.exec_prefix(spec, launch["env_allowlist"], gpu=gpu, code=code)
+    return [*prefix, spec.get("python") or "python"]
 
 
 def node_command(launch: dict, run_dir: Path) -> list[str]:
     return [*python_command(launch), "-m", "opd.launch.node", str(run_dir)]
 
 
-def rerun_script(launch: dict, run_dir: Path) -> str:
-    setup = "\n".join(launch["cluster"].get("setup") or [])
-    srun = shlex.join(["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", *node_command(launch, run_dir)])
-    return f"""#!/bin/bash
-{chr(10).join(sbatch_options(launch, run_dir))}
-# Rerun this run exactly: sbatch {run_dir}/rerun.sbatch
-# It resumes from the last checkpoint in this directory (trainer.resume_mode=auto); each attempt keeps
-# its logs in logs/<job id>.<restart count>/.
-set -euo pipefail
-source {shlex.quote(str(run_dir / "environment.sh"))}
-{setup}
-requeue() {{
-    echo "[rerun.sbatch] SIGUSR2 (walltime near or preemption): requeueing job $SLURM_JOB_ID; it resumes from its last checkpoint"
-    scontrol requeue "$SLURM_JOB_ID"
-}}
-trap requeue USR2
-# srun in the background: bash runs a trap only between commands, and `wait` returns on a signal.
-{srun} &
-srun_pid=$!
-while true; do
-    set +e
-    wait "$srun_pid"
-    code=$?
-    set -e
-    kill -0 "$srun_pid" 2>/dev/null || exit "$code"  # srun ended: its exit code is the job's
-done
-"""
-
-
-def prepare(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
+def prepare(cfg: DictConfig, run_dir: Path, overrides: list[str], code: Path | None = None) -> Path:
     """Write ``run_dir`` for the login config ``cfg``; raise SubmissionError before writing anything
-    a job could start from (config.yaml and rerun.sbatch are written last)."""
+    a job could start from (config.yaml and rerun.sbatch are written last). ``code``: the code snapshot
+    the job runs (a sweep's shared one); by default the run takes its own, ``RUN_DIR/code``."""
     run_dir = Path(run_dir).resolve()
+    absolute_path_variables(list(cfg.path_variables))
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)  # sbatch --output does not create directories
     python = sys.executable
-    verl = verl_overrides(cfg, run_dir)
+    after = upstream(list(cfg.get("after") or []))
+    roots = [run["dir"] for run in after]
+    verl = verl_overrides(cfg, run_dir, roots)
     launch = {
         key: login_values(cfg, key) for key in ("experiment", "resources", "cluster", "container", "verl")
     }
-    launch.update(python=python, repo=str(REPO), verl_overrides=verl, env_allowlist=list(cfg.env_allowlist))
+    launch["verl"] = absolute_paths(launch["verl"], roots)
+    launch["after"] = after
+    code = snapshot.take(Path(code) if code else run_dir / snapshot.DIRECTORY).resolve()
+    snapshot.link(run_dir, code)
+    launch.update(
+        python=python,
+        repo=str(REPO),
+        code=str(code),
+        verl_overrides=verl,
+        env_allowlist=list(cfg.env_allowlist),
+    )
     if launch["experiment"]["entry"] is None:
         raise SubmissionError("experiment.entry is not set: choose an experiment (experiment=tiny_grpo, ...)")
+    try:
+        PortLayout.from_config(launch["cluster"].get("ray_ports"))
+    except ClusterError as error:
+        raise SubmissionError(str(error)) from None
     spec = launch["container"]
     if container.enabled(spec):
         variables = {name: os.environ[name] for name in launch["env_allowlist"] if name in os.environ}
         container.resolve(spec, run_dir, launch["verl"], variables)
+        spec["binds"] = container.bind_list([*spec["binds"], code])
     (run_dir / "overrides.txt").write_text(
         "# login overrides\n"
         + "".join(f"{o}\n" for o in overrides)
@@ -230,15 +243,23 @@ def prepare(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
         + "\n".join(verl)
         + "\n"
     )
-    (run_dir / "git.txt").write_text(git_description())
+    (run_dir / "git.txt").write_text(snapshot.git_description())
     (run_dir / "environment.sh").write_text(environment_script(list(cfg.env_allowlist)))
     compose_verl(
-        launch["experiment"]["entry"], verl, run_dir / "config.yaml", python_command(launch, gpu=False)
+        launch["experiment"]["entry"],
+        verl,
+        run_dir / "config.yaml",
+        python_command(launch, gpu=False),
+        deferred=[run["dir"] for run in launch["after"]],
     )
+    if launch["resources"].get("gpus_per_node"):
+        engine = OmegaConf.load(run_dir / "config.yaml").actor_rollout_ref.rollout.get("name")
+        what = f"resources (gpus_per_node={launch['resources']['gpus_per_node']})"
+        check_gpu_environment(python_command(launch, gpu=False), engine, what)
     if container.enabled(spec):
         container.bind_config_paths(spec, OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
     OmegaConf.save(OmegaConf.create(launch), run_dir / "launch.yaml")
     script = run_dir / "rerun.sbatch"
-    script.write_text(rerun_script(launch, run_dir))
+    script.write_text(sbatch.rerun_script(launch, run_dir, node_command(launch, run_dir)))
     script.chmod(0o755)
     return run_dir
