@@ -23,9 +23,30 @@ def main(config: DictConfig) -> None:
         config = prepare(config, run_dir=HydraConfig.get().runtime.output_dir, check=check_config)
     except InputError as error:
         exit_on_input_error(error)
+    import ray
     from verl.trainer.main_ppo import run_ppo
 
-    run_ppo(config)
+    run_ppo(config, task_runner_class=ray.remote(num_cpus=1)(grpo_task_runner()))
+
+
+def grpo_task_runner():
+    """verl's TaskRunner with its own trainer plus the save-then-stop on the walltime signal
+    (``opd.preemption``)."""
+    from verl.trainer import main_ppo
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+
+    from opd.preemption import SaveThenStop
+    from opd.runtime import trainer_class
+
+    class GRPOTrainer(SaveThenStop, RayPPOTrainer):
+        pass
+
+    class GRPOTaskRunner(main_ppo.TaskRunner):
+        def run(self, config):
+            with trainer_class(GRPOTrainer):
+                return super().run(config)
+
+    return GRPOTaskRunner
 
 
 if __name__ == "__main__":

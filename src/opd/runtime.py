@@ -62,15 +62,25 @@ def configure_ray(config: DictConfig) -> None:
 METRICS_FILE = "metrics.jsonl"
 
 
+# verl's loggers read where to write from these variables, in the TaskRunner actor (whose working
+# directory is Ray's, not the run's): default each into the run directory unless the user set it.
+LOGGER_DIRS = {"TENSORBOARD_DIR": "tensorboard", "WANDB_DIR": "."}  # W&B adds its own wandb/ below
+
+
 def route_metrics_file(config: DictConfig, run_dir: str) -> str:
     """verl's ``file`` logger writes where VERL_FILE_LOGGER_PATH says, read in the TaskRunner actor:
-    pass it through Ray's runtime env so every run keeps its metrics in its own run directory."""
+    pass it through Ray's runtime env so every run keeps its metrics in its own run directory, and its
+    TensorBoard events and W&B files (``trainer.logger``) beside them."""
     path = os.environ.get("VERL_FILE_LOGGER_PATH") or os.path.join(run_dir, METRICS_FILE)
     with open_dict(config):
         runtime_env = config.ray_kwargs.ray_init.runtime_env
         if runtime_env.get("env_vars") is None:
             runtime_env.env_vars = {}
         runtime_env.env_vars.VERL_FILE_LOGGER_PATH = os.path.abspath(path)
+        for name, subdir in LOGGER_DIRS.items():
+            runtime_env.env_vars[name] = os.path.abspath(
+                os.environ.get(name) or os.path.join(run_dir, subdir)
+            )
     return runtime_env.env_vars.VERL_FILE_LOGGER_PATH
 
 

@@ -18,6 +18,7 @@ from verl.trainer.ppo.ray_trainer import RayPPOTrainer, Role
 from opd.distill.batch import TEACHER_PROMPTS
 from opd.distill.config import OPDConfig
 from opd.distill.weights import sample_weights
+from opd.preemption import SaveThenStop
 from opd.runtime import trainer_class
 
 
@@ -53,7 +54,7 @@ def write_token_pairs(per_rank: list | None, step: int) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-class OPDTrainer(RayPPOTrainer):
+class OPDTrainer(SaveThenStop, RayPPOTrainer):
     """verl's trainer with the actor update replaced by ``update_actor_opd`` on the worker group."""
 
     def _compute_old_log_prob(self, batch: DataProto):

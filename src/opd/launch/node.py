@@ -23,12 +23,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from opd import preemption
 from opd.launch import container, rundir
 from opd.launch.ray_cluster import (
     ClusterError,
     JobIdentity,
+    PortLayout,
     alive_nodes,
-    free_ports,
+    node_address,
     ray_env,
     ray_start_command,
     spawn_group,
@@ -41,6 +43,10 @@ from opd.launch.ray_cluster import (
 HEAD_TIMEOUT_S = float(os.environ.get("OPD_RAY_HEAD_TIMEOUT_S", 180))
 JOIN_TIMEOUT_S = float(os.environ.get("OPD_RAY_JOIN_TIMEOUT_S", 600))
 NODE_CHECK_INTERVAL_S = 5.0
+# After the walltime signal, the time kept for the requeue itself (scontrol, SLURM's KillWait) out of
+# cluster.signal_delay_s (a third of short delays): the current step must be saved within the rest, or
+# the job requeues without it.
+REQUEUE_MARGIN_S = 30.0
 
 
 class JobFailed(RuntimeError):
@@ -77,6 +83,13 @@ class Node:
         self.ray_process: subprocess.Popen | None = None
         self.driver: subprocess.Popen | None = None
         self.ray = str(Path(sys.executable).with_name("ray"))
+        cluster = self.launch.cluster
+        self.ports = PortLayout.from_config(cluster.get("ray_ports"))
+        self.network_interface = cluster.get("network_interface")
+        self.signal_delay_s = float(cluster.get("signal_delay_s", 120))
+        self.max_requeues = int(cluster.get("max_requeues", 3))
+        self.stop_signal_at: float | None = None  # monotonic time of the walltime/preemption signal
+        self.error: str | None = None
 
     def resources(self) -> dict:
         """Ray resources of this node. On CPU verl needs logical GPUs and a ``cpu`` resource per worker."""
@@ -96,31 +109,46 @@ class Node:
                 f"submit with `sbatch {self.run_dir}/rerun.sbatch` (its --nodes matches) or recompose the run"
             )
 
+    def total_steps(self) -> int | None:
+        """The run's total steps: ``trainer.total_training_steps`` if set, else what verl computed
+        (epochs x batches) and the trainer recorded when it first started."""
+        total = self.trainer.get("total_training_steps")
+        if total is not None:
+            return int(total)
+        plan = self.run_dir / preemption.PLAN
+        if plan.exists():
+            return int(json.loads(plan.read_text())["total_training_steps"])
+        return None
+
     def finished_step(self) -> int | None:
-        """The last checkpointed step if the run already reached trainer.total_training_steps.
+        """The last checkpointed step if the run already reached its total steps.
 
         verl resumes at checkpoint + 1 and would train one step past the end of a finished run, so a
         finished run (a rerun, or a requeue racing the end) starts nothing."""
         marker = self.run_dir / "latest_checkpointed_iteration.txt"
-        total = self.trainer.get("total_training_steps")
+        total = self.total_steps()
         if total is None or not marker.exists():
             return None
         step = int(marker.read_text().strip() or 0)
-        return step if step >= int(total) else None
+        return step if step >= total else None
 
     # --- node 0 -------------------------------------------------------------------------------------
     def run_head(self) -> int:
         step = self.finished_step()
         if step is not None:
             _say(
-                f"run already complete (checkpoint at step {step} of {self.trainer.total_training_steps}): "
+                f"run already complete (checkpoint at step {step} of {self.total_steps()}): "
                 "nothing to train. To repeat it from scratch, submit it anew with the login overrides in "
                 f"{self.run_dir / 'overrides.txt'} (make submit EXP=... ARGS=...)"
             )
             return 0
         write_token(self.token)
-        ports = free_ports(self.job.job_id, self.rank, head=True)
-        command = ray_start_command(self.ray, ports, self.temp_dir, None, self.resources())
+        (self.run_dir / preemption.STOP_REQUEST).unlink(missing_ok=True)  # an earlier attempt's
+        (self.run_dir / preemption.STOPPED).unlink(missing_ok=True)
+        ports = self.ports.free_ports(self.job.job_id, self.rank, head=True)
+        command = ray_start_command(
+            self.ray, ports, self.temp_dir, None, self.resources(), node_address(self.network_interface)
+        )
         _say(f"job {self.job.tag}: starting the Ray head (GCS port {ports['port']}), log {self.log}")
         self.ray_process = start_ray(command, ray_env(self.token), self.log)
         local = f"127.0.0.1:{ports['port']}"
@@ -134,7 +162,13 @@ class Node:
         address = f"{next(iter(nodes.values()))}:{ports['port']}"
         _write_json(
             self.head_file,
-            {"address": address, "host": socket.gethostname(), "ports": ports, "temp_dir": self.temp_dir},
+            {
+                "address": address,
+                "host": socket.gethostname(),
+                "ports": ports,
+                "temp_dir": self.temp_dir,
+                "code": str(Path(preemption.__file__).resolve().parent),  # the opd package this attempt runs
+            },
         )
         if self.job.nnodes > 1:
             _say(f"waiting for {self.job.nnodes - 1} more node(s) to join {address}")
@@ -169,6 +203,12 @@ class Node:
         while self.driver.poll() is None:
             time.sleep(0.5)
             self.check_own_ray()
+            if self.stop_signal_at is not None and time.monotonic() > self.stop_deadline():
+                _say(
+                    f"the current step was not saved within {self.stop_deadline() - self.stop_signal_at:.0f} s of "
+                    "the signal: requeueing without it (raise cluster.signal_delay_s above a step's time + a save)"
+                )
+                return self.requeue()
             if self.job.nnodes > 1 and time.monotonic() >= next_check:
                 next_check = time.monotonic() + NODE_CHECK_INTERVAL_S
                 if len(alive_nodes(local, self.token)) < self.job.nnodes:
@@ -177,7 +217,46 @@ class Node:
         code = self.driver.returncode
         if code != 0:
             raise JobFailed(f"{entry} exited with code {code}: the error is at the end of {driver_log}")
+        stopped = self.run_dir / preemption.STOPPED
+        if stopped.exists():
+            step = json.loads(stopped.read_text())["step"]
+            _say(f"step {step} saved for the walltime/preemption signal")
+            return self.requeue(step)
         return 0
+
+    # --- the walltime / preemption signal -----------------------------------------------------------
+    def on_stop_signal(self, signum, frame) -> None:
+        """SIGUSR2 (``--signal=USR2@signal_delay_s``, or a preemption): ask the trainer to save the
+        step it is in and stop; ``run_driver`` requeues once it has (or at the deadline)."""
+        if self.stop_signal_at is None:
+            self.stop_signal_at = time.monotonic()
+            (self.run_dir / preemption.STOP_REQUEST).write_text(f"{time.time()}\n")
+            _say(
+                f"SIGUSR2 (walltime near or preemption): the trainer saves the current step, then the job "
+                f"requeues (deadline {self.stop_deadline() - self.stop_signal_at:.0f} s)"
+            )
+
+    def stop_deadline(self) -> float:
+        margin = min(REQUEUE_MARGIN_S, self.signal_delay_s / 3)
+        return self.stop_signal_at + max(10.0, self.signal_delay_s - margin)
+
+    def requeue(self, step: int | None = None) -> int:
+        """``scontrol requeue`` this job (it resumes from its last checkpoint), within the run's budget."""
+        if self.job.attempt >= self.max_requeues:
+            saved = f"step {step} is saved" if step else "the current step was not saved"
+            raise JobFailed(
+                f"stopped for the walltime/preemption signal ({saved}), and this was attempt "
+                f"{self.job.attempt + 1}, past cluster.max_requeues={self.max_requeues}: continue the run with "
+                f"`sbatch {self.run_dir}/rerun.sbatch` (it resumes from the last checkpoint)"
+            )
+        _say(f"requeueing job {self.job.job_id} (attempt {self.job.attempt + 1} of {self.max_requeues + 1}); "
+             "it resumes from its last checkpoint")  # fmt: skip
+        result = subprocess.run(["scontrol", "requeue", str(self.job.job_id)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise JobFailed(f"scontrol requeue {self.job.job_id} failed: {result.stderr.strip()}")
+        stop_process_groups(self.driver, self.ray_process)
+        time.sleep(120)  # SLURM ends this attempt (SIGTERM) now; returning first could end the job instead
+        raise JobFailed(f"job {self.job.job_id} was requeued but still runs after 120 s")
 
     def check_head_side(self) -> None:
         self.check_own_ray()
@@ -205,8 +284,15 @@ class Node:
         )
         if "done" in head:  # node 0 had nothing to run (finished run) or failed before starting Ray
             return json.loads(self.done_file.read_text()).get("code", 0)
-        ports = free_ports(self.job.job_id, self.rank, head=False)
-        command = ray_start_command(self.ray, ports, self.temp_dir, head["address"], self.resources())
+        ports = self.ports.free_ports(self.job.job_id, self.rank, head=False)
+        command = ray_start_command(
+            self.ray,
+            ports,
+            self.temp_dir,
+            head["address"],
+            self.resources(),
+            node_address(self.network_interface),
+        )
         _say(f"node {self.rank}: joining {head['address']}, log {self.log}")
         self.ray_process = start_ray(command, ray_env(self.token), self.log)
         while not self.done_file.exists():
@@ -240,12 +326,20 @@ class Node:
         self.check_allocation()
         self.remove_stale_temp_dirs()
         code = 1
+        # Only node 0 acts on the walltime signal; SLURM sends it to every node's task, whose default
+        # action (terminate) would fail the job.
+        handler = self.on_stop_signal if self.rank == 0 and "SLURM_JOB_ID" in os.environ else signal.SIG_IGN
+        previous = signal.signal(signal.SIGUSR2, handler)
         try:
             code = self.run_head() if self.rank == 0 else self.run_worker()
             return code
+        except (ClusterError, JobFailed) as error:
+            self.error = str(error)
+            raise
         finally:
+            signal.signal(signal.SIGUSR2, previous)
             if self.rank == 0:
-                _write_json(self.done_file, {"code": code})
+                _write_json(self.done_file, {"code": code, "error": self.error})
             stop_process_groups(self.driver, self.ray_process)
             _remove_tree(self.temp_dir)
 
@@ -292,9 +386,18 @@ def _run_in_container(launch: dict, run_dir: Path) -> int:
     command = rundir.node_command(launch, run_dir)
     _say(f"entering the container: {shlex.join(command[:4])} ...")
     child = spawn_group(command)
+
+    def forward(signum, frame):  # the walltime signal may reach only this task's first process
+        try:
+            os.killpg(child.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = signal.signal(signal.SIGUSR2, forward)
     try:
         return child.wait()
     finally:
+        signal.signal(signal.SIGUSR2, previous)
         stop_process_groups(child, grace_s=10.0)  # SIGTERM: the node inside tears its Ray down first
 
 
