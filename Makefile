@@ -2,15 +2,19 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-VENV ?= .venv
+# ENV=gpu: `make setup` builds the GPU image's stack in a venv (default .venv-gpu) for GPU nodes without a
+# container; put it on a filesystem the nodes share (VENV=/shared/...) and pass the same VENV to later targets.
+ENV ?= cpu
+VENV ?= $(if $(filter gpu,$(ENV)),.venv-gpu,.venv)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.opd-setup-done
+GPU_MARKER := $(VENV)/.opd-gpu-env
 # Tiny assets (tokenizer, teacher, student, data) are cached per builder version in ~/.cache/opd/tiny;
 # set OPD_TINY_DIR to keep them elsewhere.
 PYTEST_ARGS ?=
 
 .PHONY: help setup test test-fast test-e2e lint format tiny tiny-data data demo bench-loss bench-step bench-tip plot-tokens repro-tip plot-paced repro-paced convert \
-	slurm-up slurm-down sweep-opd sweep-grpo submit status \
+	slurm-up slurm-down sweep-opd sweep-grpo submit status cancel \
 	container-build container-build-cpu container-test-cpu container-lock container-push container-pull \
 	container-sif container-verify clean
 
@@ -18,11 +22,21 @@ help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-19s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml constraints/cpu.txt
-	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints/cpu.txt -e '.[train,launch,dev]'
+	@if [ -f $(GPU_MARKER) ]; then echo "$(VENV) holds the GPU stack (make setup ENV=gpu): left as it is"; else \
+	  test -x $(PY) || python3 -m venv $(VENV); \
+	  echo "$(PY) -m pip install -c constraints/cpu.txt -e '.[train,launch,dev]'"; \
+	  $(PY) -m pip install --quiet --disable-pip-version-check -c constraints/cpu.txt -e '.[train,launch,dev]'; fi
 	@touch $(STAMP)
 
-setup: $(STAMP) ## create/refresh .venv from constraints/cpu.txt (idempotent; reruns only when pins change)
+ifeq ($(ENV),gpu)
+# GPU_PYTHON: the CPython the GPU lock is for (3.12); DRY_RUN=1: resolve against the lock, install nothing.
+setup: ## ENV=cpu (default): .venv from constraints/cpu.txt, idempotent; ENV=gpu: the GPU image's lock in VENV (.venv-gpu) [DRY_RUN=1]
+	PYTHONPATH=src python3 -m opd.image gpu-env --venv $(VENV) --variant $(or $(ROLLOUT),sglang) \
+	  $(if $(GPU_PYTHON),--python-bin $(GPU_PYTHON)) $(if $(DRY_RUN),--dry-run)
+	$(if $(DRY_RUN),,touch $(GPU_MARKER) $(STAMP))
+else
+setup: $(STAMP)
+endif
 
 # Workers per tier (pytest-xdist): each worker takes whole files (--dist loadfile), so runs shared by a
 # file's tests happen once; the e2e files keep conftest's longest-first order (--no-loadscope-reorder).
@@ -124,18 +138,22 @@ slurm-down: setup ## stop the daemons slurm-up started (by pid)
 	$(PY) -m opd.launch.local_slurm down
 
 sweep-opd: setup ## OPD sweep, one SLURM job per point; returns with the job ids: [EXP=opd] [SWEEP=opd_loss_x_beta] [ARGS=...]
-	$(PY) -m opd.launch.sweep experiment=$(or $(EXP),opd) sweep=$(or $(SWEEP),opd_loss_x_beta) $(ARGS)
+	$(PY) -m opd.launch.sweep experiment=$(or $(EXP),opd) sweep=$(or $(SWEEP),opd_loss_x_beta) $(if $(AFTER),'after=[$(AFTER)]') $(ARGS)
 
 sweep-grpo: setup ## GRPO sweep, one SLURM job per point: [EXP=grpo] [SWEEP=learning_rates] [ARGS=...]
-	$(PY) -m opd.launch.sweep experiment=$(or $(EXP),grpo) sweep=$(or $(SWEEP),learning_rates) $(ARGS)
+	$(PY) -m opd.launch.sweep experiment=$(or $(EXP),grpo) sweep=$(or $(SWEEP),learning_rates) $(if $(AFTER),'after=[$(AFTER)]') $(ARGS)
 
-submit: setup ## one run with plain sbatch (RUN_DIR/rerun.sbatch): make submit EXP=opd [ARGS=...]
+submit: setup ## one run with plain sbatch (RUN_DIR/rerun.sbatch): make submit EXP=opd [ARGS=...] [AFTER=dir,...: start after those runs succeed]
 	@test -n "$(EXP)" || { echo "usage: make submit EXP=<configs/experiment name> [ARGS='overrides']" >&2; exit 2; }
-	$(PY) -m opd.launch.submit experiment=$(EXP) $(ARGS)
+	$(PY) -m opd.launch.submit experiment=$(EXP) $(if $(AFTER),'after=[$(AFTER)]') $(ARGS)
 
 status: setup ## job states of a sweep or run from sacct: make status SWEEP=<dir printed by sweep-*/submit>
 	@test -n "$(SWEEP)" || { echo "usage: make status SWEEP=<sweep or run directory>" >&2; exit 2; }
 	$(PY) -m opd.launch.status $(SWEEP)
+
+cancel: setup ## cancel a sweep's (or run's) unfinished jobs, pending array tasks included: make cancel SWEEP=<dir>
+	@test -n "$(SWEEP)" || { echo "usage: make cancel SWEEP=<sweep or run directory>" >&2; exit 2; }
+	$(PY) -m opd.launch.cancel $(SWEEP)
 
 clean: ## remove caches and local outputs (keeps .venv and the tiny-asset cache)
 	rm -rf .pytest_cache .ruff_cache outputs runs

@@ -10,12 +10,14 @@ with a run that would fail (missing model, teacher or data) is refused with exit
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from opd.launch import CONFIGS, JOBS_FILE, REFUSED_FILE
+from opd.launch.cancel import LAUNCHER_PID_FILE
 
 LOG_FILE = "launcher.log"
 SUBMIT_TIMEOUT_S = float(os.environ.get("OPD_SUBMIT_TIMEOUT_S", 900))
@@ -29,9 +31,16 @@ def hydra_arguments(args: list[str]) -> list[str]:
 def sweep_dir(overrides: list[str]) -> Path:
     """The sweep directory the multirun will use, fixed here so that this process can watch it."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    # as Hydra's sweeper does: the sweep directory comes from the overrides that are not swept (a=1,2)
+    fixed = [
+        text
+        for text, parsed in zip(overrides, OverridesParser.create().parse_overrides(overrides), strict=True)
+        if not parsed.is_sweep_override()
+    ]
     with initialize_config_dir(config_dir=CONFIGS, version_base=None):
-        cfg = compose(config_name="launch", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name="launch", overrides=fixed, return_hydra_config=True)
     return Path(str(cfg.hydra.sweep.dir)).resolve()
 
 
@@ -51,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
             [sys.executable, "-m", "opd.launch.multirun", "-m", f"hydra.sweep.dir={directory}", *overrides],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
+    (directory / LAUNCHER_PID_FILE).write_text(f"{child.pid}\n")
     print(f"sweep: {directory}\nlauncher: pid {child.pid}, log {log_path}", flush=True)
     jobs = directory / JOBS_FILE
     shown = 0
@@ -67,14 +77,21 @@ def main(argv: list[str] | None = None) -> None:
                   file=sys.stderr)  # fmt: skip
             sys.exit(1)
         if time.monotonic() > deadline:
-            print(f"error: nothing submitted after {SUBMIT_TIMEOUT_S:.0f} s (launcher pid {child.pid} still "
-                  f"running); see {log_path}", file=sys.stderr)  # fmt: skip
+            # Stopped, not left running: a launcher that submits after this command said it failed
+            # invites the same sweep submitted twice.
+            os.killpg(child.pid, signal.SIGTERM)
+            child.wait()
+            if jobs.exists():  # it submitted while being stopped
+                break
+            print(f"error: nothing submitted after {SUBMIT_TIMEOUT_S:.0f} s; the launcher (pid {child.pid}) was "
+                  f"stopped, so nothing will be: see {log_path}, and raise OPD_SUBMIT_TIMEOUT_S for sweeps this "
+                  "large", file=sys.stderr)  # fmt: skip
             sys.exit(1)
         time.sleep(0.5)
     for line in jobs.read_text().splitlines():
         job_id, run_dir, point = (line.split("\t") + [""])[:3]
         print(f"  job {job_id}  {run_dir}  {point}")
-    print(f"status: make status SWEEP={directory}")
+    print(f"status: make status SWEEP={directory}\ncancel: make cancel SWEEP={directory}")
 
 
 def _show_progress(log_path: Path, shown: int) -> int:
