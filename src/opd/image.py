@@ -3,6 +3,7 @@
     python -m opd.image verify [--device cuda|cpu]          # make container-verify, on a GPU node
     python -m opd.image versions --freeze FILE torch=2.9.1 ... # the build's check that the labels tell the truth
     python -m opd.image lock [--variant sglang|vllm]          # make container-lock: re-resolve a lock
+    python -m opd.image gpu-env [--venv DIR] [--dry-run]      # make setup ENV=gpu: the image's stack in a venv
 
 ``verify`` answers "is this image what it claims, and does it work here": every installed package against
 the image's lock (``$OPD_IMAGE_CONSTRAINTS``), ``pip check``, a CUDA device visible, verl importable with
@@ -136,32 +137,45 @@ VARIANTS = {
 LOCK = VARIANTS["sglang"].lock
 
 
-def lock_main(args: argparse.Namespace) -> int:
-    """Resolve ``.[train,launch,<extra>]`` of a variant for the image's platform with pip's resolver
-    (metadata only, no wheels downloaded), holding every package constraints/cpu.txt shares at its version
-    there, and write every package of the result as ``name==version``."""
-    variant = VARIANTS[args.variant]
+def resolve(constraints: Path, requirements: list[str], python: str, pinned: bool = False) -> list[dict]:
+    """pip's resolution of ``requirements`` under ``constraints`` for the image's platform and CPython
+    ``python`` (metadata only, no wheels downloaded): the report's ``install`` items.
+
+    ``pinned``: every package is pinned by ``constraints``. pip (23.2) then checks some pinned wheels'
+    Requires-Python against the running interpreter instead of ``python`` (airportsdata's >=3.12 fails
+    from 3.11), so that check is skipped: the lock was resolved for ``python`` already."""
     with tempfile.TemporaryDirectory() as tmp:
         report, wheels = Path(tmp) / "report.json", Path(tmp) / "wheels"
-        cpu_pins = read_pins(REPO / "constraints" / "cpu.txt")
-        sdists = [f"{name}=={cpu_pins[name]}" for name in SDIST_ONLY]
-        shared = Path(tmp) / "cpu-shared.txt"
-        shared.write_text(
-            "".join(f"{n}=={v}\n" for n, v in cpu_pins.items() if n not in variant.differs_from_cpu)
-        )
+        pins = read_pins(constraints)
+        sdists = [f"{name}=={pins[name]}" for name in SDIST_ONLY if name in pins]
         subprocess.run(
             [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels), *sdists],
             check=True,
         )
         command = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet"]
         command += ["--report", str(report), "--target", str(Path(tmp) / "target"), "--only-binary=:all:"]
-        command += ["--find-links", str(wheels), "-c", str(shared)]
-        command += ["--python-version", args.python, "--implementation", "cp"]
+        command += ["--find-links", str(wheels), "-c", str(constraints)]
+        command += ["--python-version", python, "--implementation", "cp"]
         command += [arg for platform in LOCK_PLATFORMS for arg in ("--platform", platform)]
-        command += [*variant.pins, f"{REPO}[train,launch,{variant.extra}]"]
-        print(f"[opd.image] resolving for CPython {args.python} x86-64: {' '.join(command[4:])}", flush=True)
+        command += ["--ignore-requires-python"] if pinned else []
+        command += requirements
+        print(f"[opd.image] resolving for CPython {python} x86-64: {' '.join(command[4:])}", flush=True)
         subprocess.run(command, check=True)
-        installed = json.loads(report.read_text())["install"]
+        return json.loads(report.read_text())["install"]
+
+
+def lock_main(args: argparse.Namespace) -> int:
+    """Resolve ``.[train,launch,<extra>]`` of a variant for the image's platform with pip's resolver
+    (metadata only, no wheels downloaded), holding every package constraints/cpu.txt shares at its version
+    there, and write every package of the result as ``name==version``."""
+    variant = VARIANTS[args.variant]
+    with tempfile.TemporaryDirectory() as tmp:
+        cpu_pins = read_pins(REPO / "constraints" / "cpu.txt")
+        shared = Path(tmp) / "cpu-shared.txt"
+        shared.write_text(
+            "".join(f"{n}=={v}\n" for n, v in cpu_pins.items() if n not in variant.differs_from_cpu)
+        )
+        installed = resolve(shared, [*variant.pins, f"{REPO}[train,launch,{variant.extra}]"], args.python)
     pins = sorted(
         (canonical(item["metadata"]["name"]), item["metadata"]["version"])
         for item in installed
@@ -177,6 +191,86 @@ def lock_main(args: argparse.Namespace) -> int:
     ]
     variant.lock.write_text("\n".join(header + [f"{name}=={version}" for name, version in pins]) + "\n")
     print(f"[opd.image] wrote {len(pins)} pins to {variant.lock}")
+    return 0
+
+
+# --- gpu-env --------------------------------------------------------------------------------------------
+
+
+def url_wheels() -> dict[str, str]:
+    """Wheels the image installs from a URL, not from the lock (``ARG *_WHEEL=https://...`` of the
+    Dockerfile): name -> URL."""
+    text = (REPO / "containers" / "Dockerfile").read_text()
+    return {
+        m.group(1).lower(): m.group(2) for m in re.finditer(r"^ARG (\w+)_WHEEL=(https?://\S+)$", text, re.M)
+    }
+
+
+def reachable(url: str, timeout_s: float = 10.0) -> str | None:
+    """None if ``url`` answers a HEAD request, else why not."""
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s).close()
+        return None
+    except Exception as error:  # DNS, proxy, firewall, HTTP error: all mean "cannot fetch it from here"
+        return str(error)
+
+
+def gpu_env_main(args: argparse.Namespace) -> int:
+    """``make setup ENV=gpu``: a venv with the GPU image's stack (its lock, its extras, its URL wheels) on
+    a filesystem the GPU nodes share, for sites that run jobs without a container. ``--dry-run`` resolves
+    it with pip against the lock for the image's platform and installs nothing."""
+    variant = VARIANTS[args.variant]
+    extras = f"train,launch,{variant.extra}"
+    wheels = url_wheels()
+    if args.dry_run:
+        installed = resolve(variant.lock, [f"{REPO}[{extras}]"], LOCK_PYTHON, pinned=True)
+        pins = read_pins(variant.lock)
+        resolved = {canonical(i["metadata"]["name"]): i["metadata"]["version"] for i in installed}
+        resolved.pop("opd", None)
+        off = [f"{n} {v} (lock: {pins.get(n, 'absent')})" for n, v in resolved.items() if pins.get(n) != v]
+        print(
+            f"[opd.image] {len(resolved)} packages resolve for CPython {LOCK_PYTHON} against {variant.lock}"
+        )
+        if off:
+            print("[opd.image] not as locked: " + ", ".join(off))
+        for name, url in wheels.items():
+            problem = reachable(url)
+            state = (
+                "reachable" if problem is None else f"NOT CHECKED, this machine cannot reach it ({problem})"
+            )
+            print(f"[opd.image] {name} is pinned by URL, not by the lock: {url}: {state}")
+        return 1 if off else 0
+    venv = Path(args.venv).resolve()
+    steps = [
+        [args.python_bin, "-m", "venv", str(venv)],
+        [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "-c",
+            str(variant.lock),
+            "-e",
+            f"{REPO}[{extras}]",
+        ],
+        *(
+            [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", url]
+            for url in wheels.values()
+        ),
+        [str(venv / "bin" / "python"), "-m", "pip", "check"],
+    ]
+    for step in steps:
+        print(f"[opd.image] {' '.join(step)}", flush=True)
+        if subprocess.run(step).returncode != 0:
+            print(f"error: failed: {' '.join(step)}", file=sys.stderr)
+            return 1
+    print(
+        f"[opd.image] GPU environment ready: {venv}\n"
+        f"  submit from it (each run records the Python it was submitted with, and its jobs run that Python):\n"
+        f"  make sweep-opd VENV={venv} ARGS='cluster=<your site> ...'"
+    )
     return 0
 
 
@@ -297,8 +391,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     lock.add_argument("--variant", choices=sorted(VARIANTS), default="sglang")
     lock.add_argument("--python", default=LOCK_PYTHON)
+    gpu_env = commands.add_parser(
+        "gpu-env", help="build a venv from the GPU image's lock (make setup ENV=gpu), or --dry-run resolve it"
+    )
+    gpu_env.add_argument("--variant", choices=sorted(VARIANTS), default="sglang")
+    gpu_env.add_argument("--venv", default=".venv-gpu")
+    gpu_env.add_argument("--python-bin", default=f"python{LOCK_PYTHON}", help="the CPython the lock is for")
+    gpu_env.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
-    return {"verify": verify_main, "versions": versions_main, "lock": lock_main}[args.command](args)
+    commands = {"verify": verify_main, "versions": versions_main, "lock": lock_main, "gpu-env": gpu_env_main}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ are the task's own; it forwards the allowlisted ones into ``apptainer exec --cle
 
 Decided at submission, recorded in ``launch.yaml`` (``container.digest``, ``container.binds``):
 - the image: a SIF file (its sha256, cached next to it in ``<sif>.sha256`` by ``make container-pull``) or
-  ``docker://name@sha256:<digest>``; a tag is refused, it can move;
+  ``docker://name@sha256:<digest>``, converted once at submission to ``SIF_DIR/opd-<digest>.sif``; a tag
+  is refused, it can move; the job checks the SIF is still the one recorded before it starts;
 - the binds: the run directory, the checkout (``code: bind``), every existing absolute path named by the
-  run's recorded variables, verl overrides or resolved config (models, data, caches), and ``binds``;
+  run's recorded variables, verl overrides or resolved config (models, data, caches), and ``binds``,
+  with the real paths behind their symlinks (Hugging Face cache snapshots link into ``blobs/``);
 - a missing runtime executable or image file refuses the run before anything is queued.
 """
 
@@ -19,7 +21,9 @@ import hashlib
 import os
 import re
 import shutil
+import subprocess
 import sys
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -137,9 +141,31 @@ def host_paths(tree, every_key: bool = False) -> list[Path]:
     return found
 
 
+def real_paths(path: Path) -> list[Path]:
+    """``path`` and where it really lives: its real path, and for a directory the directories its
+    symlinked entries point into (a Hugging Face snapshot's files link into ``../../blobs/``), which the
+    container must see too for the links to resolve there."""
+    found = [path]
+    if os.path.realpath(path) != str(path):
+        found.append(Path(os.path.realpath(path)))
+    if path.is_dir():
+        try:
+            entries = list(os.scandir(path))
+        except OSError:
+            entries = []
+        for entry in entries:
+            if entry.is_symlink():
+                target = Path(os.path.realpath(entry.path))
+                found.append(target if target.is_dir() else target.parent)
+    return found
+
+
 def bind_list(paths: Iterable[str | Path]) -> list[str]:
-    """Absolute, deduplicated, outermost first; a path inside another bound one is dropped."""
-    resolved = sorted({Path(os.path.abspath(p)) for p in paths if p}, key=lambda p: (len(p.parts), str(p)))
+    """Absolute, deduplicated, outermost first, with the real paths behind symlinks; a path inside
+    another bound one is dropped."""
+    named = {Path(os.path.abspath(p)) for p in paths if p}
+    every = {real for path in named for real in real_paths(path)}
+    resolved = sorted(every, key=lambda p: (len(p.parts), str(p)))
     binds: list[Path] = []
     for path in resolved:
         if any(c in str(path) for c in ":,"):
@@ -152,13 +178,53 @@ def bind_list(paths: Iterable[str | Path]) -> list[str]:
     return [str(b) for b in binds]
 
 
+_PULL_LOCK = threading.Lock()  # a sweep prepares its points in threads: one conversion per image
+
+
+def convert_once(container: dict, runtime: str) -> str:
+    """A ``docker://name@sha256:<hex>`` image as a SIF in ``sif_dir`` (``SIF_DIR``), converted here, once,
+    at submission: converting on every node at job start races on shared caches and repeats minutes of
+    work per node and attempt. The SIF is named by the digest, as ``make container-pull`` names it."""
+    image = container["image"]
+    digest = image_digest(image)
+    if not container.get("sif_dir"):
+        raise SubmissionError(
+            f"image {image}: set SIF_DIR to a directory the nodes share (export SIF_DIR=/shared/sif): docker:// "
+            "images are converted to a SIF once, at submission, not on every node"
+        )
+    sif = Path(container["sif_dir"]).resolve() / f"opd-{digest.removeprefix('sha256:')}.sif"
+    with _PULL_LOCK:
+        if not sif.is_file():
+            sif.parent.mkdir(parents=True, exist_ok=True)
+            partial = sif.with_name(sif.name + ".partial")
+            print(f"[opd] converting {image} to {sif} once (apptainer pull)", file=sys.stderr, flush=True)
+            result = subprocess.run([runtime, "pull", "--force", str(partial), image], capture_output=True, text=True)
+            if result.returncode != 0 or not partial.is_file():
+                raise SubmissionError(f"{runtime} pull {image} failed: {result.stderr.strip()[-800:]}")
+            os.replace(partial, sif)
+    return str(sif)
+
+
+def image_stat(image: str) -> str | None:
+    """``size:mtime`` of a SIF file: the job checks it before starting and hashes the image again only if
+    it changed (``jobs/container_exec.sh --verify``)."""
+    if "://" in image:
+        return None
+    stat = Path(image).stat()
+    return f"{stat.st_size}:{int(stat.st_mtime)}"
+
+
 def resolve(container: dict, run_dir: Path, verl: dict, variables: dict[str, str]) -> None:
     """Check the runtime and the image, and record in ``container`` the image's digest and the binds the
     run needs before its config is composed (in the image): the run dir, the checkout, the paths named by
     the verl overrides and the recorded variables, and the config's own ``binds``."""
-    check_runtime(container)
+    runtime = check_runtime(container)
+    source = container["image"] or ""
+    if source.startswith("docker://"):
+        container["image"] = convert_once(container, runtime)
     container["digest"] = image_digest(container["image"])
-    container["pulled_from"] = pulled_from(container["image"])
+    container["pulled_from"] = image_digest(source) if source.startswith("docker://") else pulled_from(container["image"])
+    container["image_stat"] = image_stat(container["image"])
     code = [REPO] if _code(container) == "bind" else []
     container["binds"] = bind_list(
         [run_dir, *code, *(container.get("binds") or [])]
@@ -182,17 +248,28 @@ def _code(container: dict) -> str:
     return code
 
 
-def code_settings(container: dict) -> dict[str, str]:
-    return {"PYTHONPATH": str(REPO / "src")} if _code(container) == "bind" else {}
+def code_settings(container: dict, code: str | Path | None = None) -> dict[str, str]:
+    """``code: bind``: the checkout's src/ (``code``: a run's snapshot of it) on the image's packages."""
+    return {"PYTHONPATH": str(Path(code or REPO) / "src")} if _code(container) == "bind" else {}
 
 
-def exec_prefix(container: dict, allowlist: Iterable[str], gpu: bool = True) -> list[str]:
+def exec_prefix(
+    container: dict, allowlist: Iterable[str], gpu: bool = True, code: str | Path | None = None
+) -> list[str]:
     """``bash jobs/container_exec.sh ...  --`` for ``container`` (with ``binds`` already complete);
-    ``gpu=False`` drops ``--nv`` (the login node composing the config has no GPU)."""
+    ``gpu=False`` drops ``--nv`` (the login node composing the config has no GPU); ``code``: the run's
+    code snapshot (its script and, with ``code: bind``, its package), else the checkout."""
     options = [o for o in container.get("options") or [] if gpu or o != "--nv"]
-    settings = {**{k: str(v) for k, v in (container.get("set") or {}).items()}, **code_settings(container)}
+    settings = {
+        **{k: str(v) for k, v in (container.get("set") or {}).items()},
+        **code_settings(container, code),
+    }
     settings[INSIDE] = container.get("digest") or "unrecorded"
-    prefix = ["bash", str(EXEC_SCRIPT), container["runtime"], container["image"]]
+    script = Path(code) / EXEC_SCRIPT.relative_to(REPO) if code else EXEC_SCRIPT
+    prefix = ["bash", str(script), container["runtime"], container["image"]]
+    if container.get("image_stat") and container.get("digest"):
+        # the image file as recorded at submission: rehashed in the job only if its size or mtime moved
+        prefix += ["--verify", f"{container['image_stat']}:{container['digest'].removeprefix('sha256:')}"]
     prefix += [arg for option in options for arg in ("--option", option)]
     prefix += [arg for path in container.get("binds") or [] for arg in ("--bind", path)]
     patterns = [*(container.get("pass") or []), *allowlist]
