@@ -185,7 +185,9 @@ def login(*overrides: str):
 
 
 def records(log: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(log.glob("*.json"))]
+    return [
+        json.loads(p.read_text()) for p in sorted(log.glob("*.json")) if not p.name.endswith(".pull.json")
+    ]
 
 
 @pytest.fixture
@@ -238,10 +240,12 @@ def test_run_in_apptainer_records_digest_binds_and_composes_inside_the_image_fak
 
     # each node's command in rerun.sbatch: srun ... container_exec.sh apptainer IMAGE --option --nv ...
     srun = next(
-        line for line in (run_dir / "rerun.sbatch").read_text().splitlines() if line.startswith("srun ")
+        line for line in (run_dir / "rerun.sbatch").read_text().splitlines() if line.startswith("exec srun ")
     )
-    assert f"jobs/container_exec.sh apptainer {image} --option --nv --option --cleanenv" in srun
-    assert srun.endswith(f"-- python -m opd.launch.node {run_dir} &")
+    stat = image.stat()
+    verify = f"--verify {stat.st_size}:{int(stat.st_mtime)}:{sha256}"
+    assert f"jobs/container_exec.sh apptainer {image} {verify} --option --nv --option --cleanenv" in srun
+    assert srun.endswith(f"-- python -m opd.launch.node {run_dir}")
     assert "--pass 'SLURM_*'" in srun and "--pass 'NCCL_*'" in srun and "--pass DATA_DIR" in srun
 
 
@@ -349,3 +353,62 @@ def test_node_started_outside_the_container_enters_it_like_rerun_sbatch_fake_app
     assert call["env"]["SLURM_PROCID"] == "0" and call["env"]["OPD_CONTAINER_DIGEST"] == "sha256:x"
     command = rundir.node_command(launch, tmp_path)
     assert command[command.index("--") + 1 :] == call["command"]
+
+
+def test_a_docker_image_is_converted_once_at_submission_to_a_sif_named_by_its_digest_fake_apptainer(
+    fake_apptainer, tiny_math_data, tmp_path, monkeypatch
+):
+    from opd.launch.rundir import prepare
+
+    digest = "sha256:" + "b" * 64
+    monkeypatch.setenv("DATA_DIR", str(tiny_math_data))
+    monkeypatch.setenv("OPD_IMAGE", f"docker://ghcr.io/opd-project/opd@{digest}")
+    with pytest.raises(SubmissionError, match=r"set SIF_DIR to a directory the nodes share"):
+        prepare(login("experiment=tiny_grpo", "container=apptainer"), tmp_path / "refused", [])
+    monkeypatch.setenv("SIF_DIR", str(tmp_path / "sif"))
+    sif = tmp_path / "sif" / f"opd-{'b' * 64}.sif"
+    for name in ("a", "b"):  # two runs (or sweep points) of the same image: one conversion
+        run_dir = prepare(login("experiment=tiny_grpo", "container=apptainer"), tmp_path / name, [])
+        container = OmegaConf.to_container(OmegaConf.load(run_dir / "launch.yaml"))["container"]
+        assert container["image"] == str(sif) and container["pulled_from"] == digest
+        assert container["digest"] == "sha256:" + hashlib.sha256(sif.read_bytes()).hexdigest()
+        assert (
+            str(sif) in (run_dir / "rerun.sbatch").read_text()
+            and "docker://" not in (run_dir / "rerun.sbatch").read_text()
+        )
+    pulls = [json.loads(p.read_text())["pull"] for p in fake_apptainer.glob("*.pull.json")]
+    assert pulls == [[str(sif) + ".partial", f"docker://ghcr.io/opd-project/opd@{digest}"]]
+
+
+def test_the_job_refuses_an_image_file_changed_since_submission_fake_apptainer(fake_apptainer, tmp_path):
+    image = Path(os.environ["OPD_IMAGE"])
+    stat = image.stat()
+    verify = f"{stat.st_size}:{int(stat.st_mtime)}:{hashlib.sha256(image.read_bytes()).hexdigest()}"
+
+    def run():
+        command = ["bash", str(REPO / "jobs" / "container_exec.sh"), "apptainer", str(image), "--verify", verify,
+                   "--", "true"]  # fmt: skip
+        return subprocess.run(command, capture_output=True, text=True, env={**os.environ})
+
+    assert run().returncode == 0
+    os.utime(image, (stat.st_atime, stat.st_mtime + 100))  # touched, same content: hashed again, accepted
+    assert run().returncode == 0
+    image.write_bytes(os.urandom(1 << 16))  # another image under the recorded name
+    result = run()
+    assert result.returncode == 3 and "changed since submission" in result.stderr, result.stderr
+
+
+def test_binds_include_the_real_paths_behind_a_hugging_face_snapshots_symlinks(tmp_path):
+    from opd.launch.container import bind_list
+
+    hub = tmp_path / "hub" / "models--org--name"
+    (hub / "blobs").mkdir(parents=True)
+    (hub / "blobs" / "abc").write_text("{}")
+    snapshot = hub / "snapshots" / "rev"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").symlink_to("../../blobs/abc")
+    linked = tmp_path / "models" / "student"  # a model directory that is itself a link
+    linked.parent.mkdir()
+    linked.symlink_to(snapshot)
+    binds = bind_list([linked])
+    assert str(linked) in binds and str(snapshot) in binds and str(hub / "blobs") in binds

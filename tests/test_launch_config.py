@@ -12,11 +12,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from conftest import compose_verl_config
-from opd.launch import CONFIGS
+from conftest import REPO, compose_verl_config
+from opd.launch import CONFIGS, sbatch
 from opd.launch.compose import entry_module
-from opd.launch.ray_cluster import BAND_SIZE, ephemeral_low, free_ports, ray_start_command, slot_ports
-from opd.launch.rundir import _value, login_values, sbatch_options, verl_overrides
+from opd.launch.overrides import value as override_value
+from opd.launch.ray_cluster import BAND_SIZE, ClusterError, PortLayout, ray_start_command
+from opd.launch.rundir import login_values, verl_overrides
 from opd.launch.sweep import hydra_arguments
 from opd.tiny import default_dir
 
@@ -48,13 +49,11 @@ def test_experiment_composes_on_both_sides_with_resources_stated_once(experiment
     cfg = login(f"experiment={experiment}", "resources=gpu_2x8")
     overrides = verl_overrides(cfg, tmp_path)
     verl = compose_verl_config(overrides, entry_module(cfg.experiment.entry).CONFIG_NAME)
-    # one statement of the resources reaches verl, sbatch and the submitit launcher alike
-    assert verl.trainer.nnodes == cfg.resources.nodes == cfg.hydra.launcher.nodes == 2
-    assert (
-        verl.trainer.n_gpus_per_node == cfg.resources.gpus_per_node == cfg.hydra.launcher.gpus_per_node == 8
-    )
-    options = sbatch_options(
-        {k: login_values(cfg, k) for k in ("experiment", "resources", "cluster")}, tmp_path
+    # one statement of the resources reaches verl and the scheduler request (both submission paths)
+    assert verl.trainer.nnodes == cfg.resources.nodes == 2
+    assert verl.trainer.n_gpus_per_node == cfg.resources.gpus_per_node == 8
+    options = sbatch.option_lines(
+        sbatch.request({k: login_values(cfg, k) for k in ("experiment", "resources", "cluster")})
     )
     assert "#SBATCH --nodes=2" in options and "#SBATCH --gpus-per-node=8" in options
     assert verl.trainer.default_local_dir == str(tmp_path)
@@ -131,7 +130,7 @@ def _parsed(value: str):
     ],
 )
 def test_override_values_survive_hydras_grammar(value):
-    assert _parsed(_value(value)) == value
+    assert _parsed(override_value(value)) == value
 
 
 def test_verl_arguments_are_added_to_the_login_configs_verl_node():
@@ -147,28 +146,56 @@ def _all_ports(ports: dict) -> set[int]:
     return fixed | set(range(ports["min-worker-port"], ports["max-worker-port"] + 1))
 
 
-def test_port_bands_of_neighbouring_jobs_and_nodes_are_disjoint_and_below_the_ephemeral_range():
-    jobs = [slot_ports(job, node) for job in (1000, 1001, 1002) for node in (0, 1)]
+@pytest.mark.parametrize(
+    "ephemeral,configured,expected_range",
+    [
+        ((32768, 60999), None, (10000, 32768)),  # Linux's default: below the range
+        ((9000, 65535), None, (2048, 9000)),  # a floor of 9,000 and no room above: from 2,048 up to it
+        ((9000, 60999), None, (61000, 65536)),  # a floor of 9,000 with room above the range
+        ((32768, 60999), [20000, 24096], (20000, 24096)),  # the site's range, whatever the host's
+    ],
+)
+def test_port_bands_of_neighbouring_jobs_and_nodes_are_disjoint_and_outside_the_ephemeral_range(
+    ephemeral, configured, expected_range
+):
+    layout = PortLayout.from_config(configured, ephemeral=ephemeral)
+    assert (layout.low, layout.high) == expected_range and layout.bands >= 1
+    jobs = [layout.slot_ports(job, node) for job in (1000, 1001, 1002) for node in (0, 1)]
     sets = [_all_ports(p) for p in jobs]
     for i, a in enumerate(sets):
-        assert max(a) < ephemeral_low() and min(a) >= 10000
+        assert expected_range[0] <= min(a) and max(a) < expected_range[1]
+        if configured is None:
+            assert max(a) < ephemeral[0] or min(a) > ephemeral[1]
         for b in sets[i + 1 :]:
-            assert not a & b
-    assert slot_ports(7, 0) == slot_ports(7, 0)  # derived from the job id: every node computes the same
+            if layout.bands >= 3:
+                assert not a & b
+    assert layout.slot_ports(7, 0) == layout.slot_ports(7, 0)  # from the job id: every node computes the same
+
+
+@pytest.mark.parametrize("configured", [[30000, 30100], [70000, 80000], [5000], "10000-20000"])
+def test_a_port_range_without_room_for_a_band_is_refused_with_the_fix(configured):
+    with pytest.raises(ClusterError, match=r"ray_ports"):
+        PortLayout.from_config(configured)
+
+
+def test_an_ephemeral_range_that_leaves_no_band_is_refused_naming_the_setting():
+    with pytest.raises(ClusterError, match=r"set cluster.ray_ports"):
+        PortLayout.from_config(None, ephemeral=(2100, 65535))
 
 
 def test_a_busy_port_moves_the_job_to_the_next_free_band():
     job = 4321
-    first = slot_ports(job, 0)
+    layout = PortLayout.from_config(None)
+    first = layout.slot_ports(job, 0)
     with socket.socket() as busy:
         busy.bind(("", first["port"]))
         busy.listen()
-        chosen = free_ports(job, 0, head=True)
+        chosen = layout.free_ports(job, 0, head=True)
     assert chosen["port"] != first["port"] and (chosen["port"] - first["port"]) % BAND_SIZE == 0
 
 
 def test_ray_start_pins_every_port_and_joins_by_explicit_address():
-    ports = slot_ports(55, 1)
+    ports = PortLayout.from_config(None).slot_ports(55, 1)
     head = ray_start_command("ray", ports, "/tmp/opd-55.0.0", None, {"num_cpus": 4})
     worker = ray_start_command("ray", ports, "/tmp/opd-55.0.1", "10.0.0.1:20000", {})
     assert "--head" in head and "--include-dashboard=false" in head and f"--port={ports['port']}" in head
@@ -200,19 +227,28 @@ def test_run_directory_holds_resolved_config_record_and_rerun_script(
 
     from opd.launch.rundir import prepare
 
-    monkeypatch.setenv("DATA_DIR", str(tiny_math_data))
+    # paths relative to where the user stands (a variable, an override) are absolute in the run directory
+    monkeypatch.chdir(tiny_math_data.parent)
+    monkeypatch.setenv("DATA_DIR", tiny_math_data.name)
     monkeypatch.setenv("WANDB_PROJECT", "it's quoted")
-    cfg = login("experiment=tiny_opd", "cluster=example_site", "++verl.opd.loss_type=jsd")
-    run_dir = prepare(cfg, tmp_path / "run", ["experiment=tiny_opd", "++verl.opd.loss_type=jsd"])
+    val = f"{tiny_math_data.name}/grpo_processed/val_aime24.parquet"
+    overrides = [
+        "experiment=tiny_opd",
+        "cluster=example_site",
+        "++verl.opd.loss_type=jsd",
+        f"++verl.data.val_files=[{val}]",
+    ]
+    run_dir = prepare(login(*overrides), tmp_path / "run", overrides)
     text = (run_dir / "config.yaml").read_text()
     assert "${" not in text
     config = OmegaConf.create(text)
     assert config.opd.loss_type == "jsd" and config.trainer.default_local_dir == str(run_dir)
     assert config.opd.teacher_path == str(tiny_assets / "teacher")  # resolved by the entry's own checks
     assert config.data.train_files == str(tiny_math_data / "grpo_processed" / "train.parquet")
+    assert list(config.data.val_files) == [str(tiny_math_data / "grpo_processed" / "val_aime24.parquet")]
     script = (run_dir / "rerun.sbatch").read_text()
     for line in ("--nodes=1", "--cpus-per-task=2", "--mem=6G", "--partition=gpu", "--account=my_project",
-                 "--qos=normal", "--exclusive", "--requeue", "--signal=B:USR2@300"):  # fmt: skip
+                 "--qos=normal", "--exclusive", "--requeue", "--signal=USR2@300"):  # fmt: skip
         assert f"#SBATCH {line}\n" in script
     assert "module purge\n" in script
     assert subprocess.run(["bash", "-n", str(run_dir / "rerun.sbatch")]).returncode == 0  # valid shell
@@ -223,30 +259,102 @@ def test_run_directory_holds_resolved_config_record_and_rerun_script(
     assert "++verl.opd.loss_type=jsd" in (run_dir / "overrides.txt").read_text()
     assert "opd.loss_type=jsd" in (run_dir / "overrides.txt").read_text()
     assert (run_dir / "logs").is_dir()  # sbatch --output needs it before the job starts
+    # the job imports the code as submitted: its snapshot, first on PYTHONPATH; git.txt names its commit
+    assert (run_dir / "code" / "src" / "opd" / "launch" / "node.py").is_file()
+    assert (run_dir / "code" / "jobs").is_dir() and (run_dir / "code" / "configs" / "launch.yaml").is_file()
+    assert not list((run_dir / "code").rglob("__pycache__"))
+    assert f'export PYTHONPATH="{run_dir}/code/src${{PYTHONPATH:+:$PYTHONPATH}}"' in script
+    assert (run_dir / "git.txt").read_text().startswith("commit ")
     launch = OmegaConf.load(run_dir / "launch.yaml")
     assert launch.experiment.entry == "opd.main_opd" and launch.resources.nodes == 1
 
 
-@pytest.mark.parametrize("launcher", ["slurm", "local"])
-def test_launchers_instantiate_from_resources_and_cluster(launcher):
+def test_node_address_from_an_interface_the_hostname_or_rays_choice():
+    from opd.launch.ray_cluster import node_address
+
+    assert node_address(None) is None  # Ray's own choice
+    assert node_address("lo") == "127.0.0.1"
+    assert node_address("hostname") == socket.gethostbyname(socket.gethostname())
+    with pytest.raises(ClusterError, match=r"network_interface=no_such_nic: .* its interfaces: .*\blo\b"):
+        node_address("no_such_nic")
+    command = ray_start_command(
+        "ray", PortLayout.from_config(None).slot_ports(1, 0), "/tmp/x", None, {}, "10.1.2.3"
+    )
+    assert "--node-ip-address=10.1.2.3" in command
+
+
+def _submitit_script(params: dict, folder: Path) -> str:
+    """The sbatch file submitit would submit with these executor parameters (nothing is submitted)."""
+    import submitit
+
+    executor = submitit.SlurmExecutor(folder=folder)
+    executor.update_parameters(**params)
+    return executor._make_submission_file_text("python -m task", "uid")
+
+
+def test_sweep_points_are_submitted_per_resource_set_with_the_request_setup_and_srun_of_their_rerun_sbatch(
+    tiny_assets, tiny_math_data, tmp_path, monkeypatch
+):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    cfg = login(
-        "experiment=tiny_grpo",
-        "resources=cpu_tiny_2node",
-        "cluster=example_site",
-        f"hydra/launcher={launcher}",
-    )
+    from opd.launch.rundir import prepare
+
+    monkeypatch.setenv("DATA_DIR", str(tiny_math_data))
+    run_dirs = []
+    for n, resources in enumerate(["cpu_tiny", "cpu_tiny_2node", "cpu_tiny"]):
+        overrides = ["experiment=tiny_grpo", f"resources={resources}", "cluster=example_site"]
+        run_dirs.append(prepare(login(*overrides), tmp_path / str(n), overrides, code=tmp_path / "code"))
+    plugin = instantiate(OmegaConf.to_container(login("hydra/launcher=slurm").hydra.launcher, resolve=True))
+    arrays = plugin.arrays(run_dirs)
+    assert sorted(indices for indices, _ in arrays) == [[0, 2], [1]]  # one array per resource set
+    for indices, params in arrays:
+        script = _submitit_script(params, tmp_path / "submitit")
+        rerun = (run_dirs[indices[0]] / "rerun.sbatch").read_text()
+        requested = {line for line in rerun.splitlines() if line.startswith("#SBATCH")}
+        requested -= {line for line in requested if "--output=" in line or "--open-mode" in line}
+        submitted = {line.replace("'", "") for line in script.splitlines() if line.startswith("#SBATCH")}
+        assert requested <= submitted, requested - submitted
+        nodes = 2 if indices == [1] else 1
+        assert f"#SBATCH --nodes={nodes}" in requested and "#SBATCH --signal=USR2@300" in requested
+        # nothing of submitit's own request is left: no second time limit, no forced wckey
+        assert not any("wckey" in line for line in script.splitlines())
+        assert sum(line.startswith("#SBATCH --time") for line in script.splitlines()) == 1
+        for text in (script, rerun):
+            srun = next(line for line in text.splitlines() if "srun" in line and not line.startswith("#"))
+            assert "--cpus-per-task=2" in srun and "--kill-on-bad-exit=1" in srun, srun
+            assert sbatch.RAISE_OPEN_FILES in text and sbatch.SRUN_CPUS in text and "module purge" in text
+
+
+def test_local_launcher_instantiates_from_resources():
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = login("experiment=tiny_grpo", "resources=cpu_tiny_2node", "hydra/launcher=local")
     plugin = instantiate(OmegaConf.to_container(cfg.hydra.launcher, resolve=True))
-    params = plugin.executor_parameters()
-    if launcher == "slurm":
-        assert type(plugin).__module__ == "hydra_plugins.opd_launcher.launcher"
-        assert (
-            params["nodes"] == 2 and params["cpus_per_task"] == 2 and params["slurm_account"] == "my_project"
-        )
-        assert params["slurm_srun_args"] == ["--kill-on-bad-exit=1"]
-        assert params["slurm_additional_parameters"] == {"requeue": True, "exclusive": True}
-        assert params["slurm_signal_delay_s"] == 300
-    else:
-        assert params["nodes"] == 1 and "slurm_srun_args" not in params
+    assert plugin.point_parameters(Path("unused"))["timeout_min"] == 60
+
+
+def test_sweep_directory_of_a_command_line_sweep_ignores_the_swept_values():
+    from opd.launch.sweep import sweep_dir
+
+    directory = sweep_dir(
+        ["experiment=tiny_grpo", "resources=cpu_tiny,cpu_tiny_2node", "++verl.data.seed=1,2"]
+    )
+    assert directory.parent.name == "tiny_grpo"
+
+
+def test_gpu_setup_builds_from_the_gpu_lock_and_names_the_wheels_pinned_by_url():
+    from opd.image import url_wheels
+
+    wheels = url_wheels()
+    assert list(wheels) == ["flash_attn"] and wheels["flash_attn"].startswith("https://")
+    dry = subprocess.run(
+        ["make", "-n", "setup", "ENV=gpu", "DRY_RUN=1"], cwd=REPO, capture_output=True, text=True
+    )
+    assert "opd.image gpu-env --venv .venv-gpu --variant sglang" in dry.stdout and "--dry-run" in dry.stdout
+    assert "touch" not in dry.stdout  # a dry run marks nothing as set up
+    real = subprocess.run(
+        ["make", "-n", "setup", "ENV=gpu", "VENV=/shared/opd-gpu"], cwd=REPO, capture_output=True, text=True
+    )
+    assert "--venv /shared/opd-gpu" in real.stdout and "touch /shared/opd-gpu/.opd-gpu-env" in real.stdout

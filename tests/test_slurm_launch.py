@@ -1,7 +1,8 @@
 """The launch layer against a real SLURM cluster (``opd.launch.local_slurm``: slurmctld, two slurmd
 "nodes", munge, slurmdbd + MariaDB on this host), each job running verl on CPU in its own Ray cluster.
 
-The sweep (2 tiny OPD runs), a failing run and a 2-node run in a (fake) container are queued together
+The sweep (2 tiny OPD runs, DATA_DIR given relative), a sweep of 2 failing points and a 2-node run in a
+(fake) container are queued together
 (fixture ``queued``); the requeue and node-failure tests, which act on their job while it runs, submit
 their own with ``make submit``. The machine's 2 cores are the limit: queueing more at once does not make
 the file faster, only the per-job overhead (Ray, verl's workers: ~45 CPU-s) does."""
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -28,6 +30,8 @@ from opd.launch.status import sacct_states
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 
+# drawn per session: a literal would sit in this file, and so in git.txt's diff of an uncommitted checkout
+SECRETS = {"HF_TOKEN": f"hf_{secrets.token_hex(12)}", "WANDB_API_KEY": f"wandb_{secrets.token_hex(12)}"}
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
 JOB_TIMEOUT_S = 1200
 
@@ -172,11 +176,13 @@ def slurm_env(slurm_cluster, tiny_math_data, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def queued(slurm_env, tmp_path_factory) -> SimpleNamespace:
     """``make sweep-opd`` over two tiny OPD points (reverse KL from ``sampled`` vs ``topk``) and, queued
-    right behind it, the jobs that need nothing from a test while they run: a failing run, and a 1-step
+    right behind it, the jobs that need nothing from a test while they run: a sweep of two failing points, and a 1-step
     tiny GRPO run on both nodes with container=apptainer through a FAKE apptainer (tests/fake_apptainer;
     Apptainer cannot be installed here) that gives each node only the variables apptainer --cleanenv
     would, then runs it on the host."""
-    result = make("sweep-opd", slurm_env, "EXP=tiny_opd", "SWEEP=tiny_opd", "ARGS=cluster=ci")
+    # DATA_DIR relative to where the user stands (make runs in the checkout): absolute at submission
+    relative = dict(slurm_env, DATA_DIR=os.path.relpath(slurm_env["DATA_DIR"], REPO))
+    result = make("sweep-opd", relative, "EXP=tiny_opd", "SWEEP=tiny_opd", "ARGS=cluster=ci")
     assert result.returncode == 0, result.stdout + result.stderr
     jobs = re.findall(r"^  job (\S+)  (\S+)  (.*)$", result.stdout, flags=re.M)
     # squeue: slurmctld's own view (accounting reaches sacct a moment later)
@@ -184,10 +190,34 @@ def queued(slurm_env, tmp_path_factory) -> SimpleNamespace:
         ["squeue", "-h", "-r", "-j", ",".join(job for job, _, _ in jobs), "-o", "%i %T"],
         env=slurm_env, capture_output=True, text=True,
     ).stdout  # fmt: skip
-    failing = submitted_job(
+    # a sweep whose two points both fail inside their jobs (an estimator verl does not know)
+    failing = make(
+        "sweep-grpo", slurm_env, "EXP=tiny_grpo", "SWEEP=none",
+        "ARGS=cluster=ci verl.trainer.val_before_train=false verl.algorithm.adv_estimator=no_such_estimator,no_such_either",
+    )  # fmt: skip
+    assert failing.returncode == 0, failing.stdout + failing.stderr
+    failing_dir = re.search(r"^sweep: (\S+)", failing.stdout, flags=re.M).group(1)
+    # chains (after=): two runs behind the failing sweep, never started; two behind the OPD sweep, the
+    # last one training from the model the one before it writes
+    blocked = submitted_job(
+        make("submit", slurm_env, "EXP=tiny_grpo", f"AFTER={failing_dir}", "ARGS=cluster=ci")
+    )
+    blocked_2 = submitted_job(
+        make("submit", slurm_env, "EXP=tiny_grpo", f"AFTER={blocked[1]}", "ARGS=cluster=ci")
+    )
+    one_step = "verl.trainer.total_training_steps=1 verl.trainer.val_before_train=false"
+    sweep_dir = re.search(r"^sweep: (\S+)", result.stdout, flags=re.M).group(1)
+    second = submitted_job(
         make(
-            "submit", slurm_env, "EXP=tiny_grpo",
-            "ARGS=cluster=ci verl.algorithm.adv_estimator=no_such_estimator verl.trainer.val_before_train=false",
+            "submit", slurm_env, "EXP=tiny_grpo", f"AFTER={sweep_dir}",
+            f"ARGS=cluster=ci {one_step} verl.actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
+        )
+    )  # fmt: skip
+    model = second[1] / "global_step_1" / "actor" / "huggingface"  # written by `second`, later
+    third = submitted_job(
+        make(
+            "submit", slurm_env, "EXP=tiny_grpo", f"AFTER={second[1]}",
+            f"ARGS=cluster=ci {one_step} verl.actor_rollout_ref.model.path={model}",
         )
     )  # fmt: skip
     container = tmp_path_factory.mktemp("container")
@@ -199,18 +229,28 @@ def queued(slurm_env, tmp_path_factory) -> SimpleNamespace:
         "FAKE_APPTAINER_LOG": str(calls),
         "FAKE_APPTAINER_PATH": f"{REPO / '.venv' / 'bin'}:/usr/bin:/bin",
         "OPD_IMAGE": str(image),
+        **SECRETS,  # set at submission: they must reach the job, and no file of the run directory
+        "WANDB_MODE": "offline",
     }
     two_node = submitted_job(
         make(
             "submit", container_env, "EXP=tiny_grpo",
-            "ARGS=cluster=ci resources=cpu_tiny_2node container=apptainer verl.trainer.total_training_steps=1",
+            "ARGS=cluster=ci resources=cpu_tiny_2node container=apptainer verl.trainer.total_training_steps=1 "
+            "verl.trainer.logger=[console,file,tensorboard,wandb]",
         )
     )  # fmt: skip
     return SimpleNamespace(
         sweep_output=result.stdout,
         sweep_jobs=[(job, Path(run_dir), point) for job, run_dir, point in jobs],
         queued_at_return=dict(line.split() for line in queued_at_return.splitlines()),
-        failing=failing,
+        failing=SimpleNamespace(
+            dir=Path(re.search(r"^sweep: (\S+)", failing.stdout, flags=re.M).group(1)),
+            jobs=[
+                (job, Path(run_dir))
+                for job, run_dir, _ in re.findall(r"^  job (\S+)  (\S+)  (.*)$", failing.stdout, flags=re.M)
+            ],
+        ),
+        chains=SimpleNamespace(blocked=[blocked, blocked_2], ok=[second, third], model=model),
         two_node=SimpleNamespace(job=two_node[0], run_dir=two_node[1], image=image, calls=calls),
     )
 
@@ -251,6 +291,11 @@ def test_sweep_returns_with_its_jobs_queued_and_every_point_completes_with_its_c
             expected = 8 if signal == "sampled" else 8 * config["opd"]["topk"] + 4
             assert data["opd/teacher_signal_bytes_per_token"] == expected
         assert config["trainer"]["default_local_dir"] == str(run_dir)
+        # the job ran the sweep's code snapshot, not the checkout; verl's computed total is recorded
+        head = json.loads((run_dir / "logs" / f"{job}.0" / "head.json").read_text())
+        assert head["code"] == str((sweep.dir / "code" / "src" / "opd").resolve())
+        assert (run_dir / "code").resolve() == (sweep.dir / "code").resolve()
+        assert json.loads((run_dir / "training_plan.json").read_text()) == {"total_training_steps": 2}
         for name in ("launch.yaml", "overrides.txt", "git.txt", "environment.sh", "rerun.sbatch"):
             assert (run_dir / name).is_file(), name
         assert "commit " in (run_dir / "git.txt").read_text()
@@ -303,7 +348,7 @@ def test_status_summarises_the_sweep_from_sacct(sweep, slurm_env):
     assert "2 COMPLETED" in result.stdout
 
 
-REQUEUED_STEPS = 6  # checkpoints at 2, 4, 6: a requeue after step 2 and another after step 4
+REQUEUED_STEPS = 6  # checkpoints at 2, 3 (saved for the signal), 4, 6: requeues after step 2 and in step 3
 
 
 def wait_for_step(job: str, run_dir: Path, step: int) -> None:
@@ -322,7 +367,8 @@ def wait_for_step(job: str, run_dir: Path, step: int) -> None:
 @pytest.mark.timeout(900)
 def test_requeued_job_resumes_with_its_config_and_continues_its_metrics_and_lr_schedule(slurm_env):
     """One run requeued twice: by ``scontrol requeue`` after step 2, then by the pre-walltime signal
-    (what ``--signal=B:USR2@N`` sends: rerun.sbatch's trap requeues the job) after step 4."""
+    (what ``--signal=USR2@N`` sends to the job step) as step 3 starts: the trainer saves step 3 (not a
+    ``save_freq`` step), the node requeues, and the third attempt resumes from step 3."""
     job, run_dir = submitted_job(
         make(
             "submit", slurm_env, "EXP=tiny_opd",
@@ -332,13 +378,23 @@ def test_requeued_job_resumes_with_its_config_and_continues_its_metrics_and_lr_s
     )  # fmt: skip
     wait_for_step(job, run_dir, 2)
     subprocess.run(["scontrol", "requeue", job], env=slurm_env, check=True)
-    wait_for_step(job, run_dir, 4)
-    subprocess.run(["scancel", "--batch", "--signal=USR2", job], env=slurm_env, check=True)
+    # the second attempt has resumed from step 2 and not yet finished step 3 (a step takes ~1 s here):
+    # the walltime signal now makes it save step 3, which is no save_freq step
+    resumed = run_dir / "logs" / f"{job}.1" / "driver.log"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (resumed.exists() and "Load from checkpoint folder" in resumed.read_text()):
+        assert time.monotonic() < deadline, _tail(run_dir, job)
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", job], env=slurm_env, check=True)
     assert wait_terminal([job])[job]["state"] == "COMPLETED", _tail(run_dir, job)
 
     attempts = [run_dir / "logs" / f"{job}.{n}" for n in range(3)]
     assert "Training from scratch" in (attempts[0] / "driver.log").read_text()
-    for attempt, step in ((attempts[1], 2), (attempts[2], 4)):
+    assert "saved step 3 for the stop request" in (attempts[1] / "driver.log").read_text()
+    for attempt in attempts:  # every attempt ran the code snapshot taken at submission
+        code = json.loads((attempt / "head.json").read_text())["code"]
+        assert code == str(run_dir / "code" / "src" / "opd"), code
+    for attempt, step in ((attempts[1], 2), (attempts[2], 3)):
         driver_log = (attempt / "driver.log").read_text()
         assert re.search(rf"Load from checkpoint folder: \S*global_step_{step}\b", driver_log), driver_log[
             -3000:
@@ -382,6 +438,14 @@ def test_two_node_job_in_the_container_runs_one_ray_cluster_across_both_nodes_fa
         assert call["env"]["SLURM_JOB_ID"] == job and call["env"]["OPD_CONTAINER_DIGEST"] == digest
         assert any(Path(b) in [run_dir, *run_dir.parents] for b in call["binds"])
         assert call["env"]["HF_HUB_OFFLINE"] == "1"
+        assert {name: call["env"].get(name) for name in SECRETS} == SECRETS  # reached the job, in the image
+    # ... and were written nowhere in the run directory (configs, scripts, logs, metrics, W&B's files)
+    for path in (p for p in run_dir.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        assert not any(secret.encode() in data for secret in SECRETS.values()), path
+    # the run logged to TensorBoard and to W&B (offline) in its run directory, besides metrics.jsonl
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
 @pytest.mark.timeout(300)
@@ -439,13 +503,103 @@ def test_a_node_that_dies_fails_the_job_fast_naming_the_node_and_its_log(slurm_e
 
 
 @pytest.mark.timeout(300)
-def test_failing_experiment_is_reported_failed_with_its_error_in_the_log(queued):
-    job, run_dir = queued.failing  # queued with the sweep
-    assert wait_terminal([job])[job]["state"] == "FAILED"
-    driver_log = (run_dir / "logs" / f"{job}.0" / "driver.log").read_text()
-    assert "no_such_estimator" in driver_log and "Traceback" in driver_log
-    slurm_log = (run_dir / "logs" / f"slurm-{job}.out").read_text()
-    assert "exited with code" in slurm_log and str(run_dir / "logs" / f"{job}.0" / "driver.log") in slurm_log
+def test_a_sweep_whose_points_fail_shows_every_point_failed_in_sacct_and_status_with_its_error(
+    queued, slurm_env
+):
+    jobs = queued.failing.jobs
+    assert len(jobs) == 2
+    states = wait_terminal([job for job, _ in jobs])
+    assert [states[job]["state"] for job, _ in jobs] == ["FAILED", "FAILED"], states
+    status = make("status", slurm_env, f"SWEEP={queued.failing.dir}")
+    assert "2 FAILED" in status.stdout, status.stdout
+    for job, run_dir in jobs:
+        driver_log = run_dir / "logs" / f"{job}.0" / "driver.log"
+        assert "no_such_e" in driver_log.read_text() and "Traceback" in driver_log.read_text()
+        lines = status.stdout.splitlines()
+        error = lines[next(i for i, text in enumerate(lines) if text.startswith(job)) + 1]
+        assert "error: opd.main_grpo exited with code" in error and str(driver_log) in error, status.stdout
+
+
+@pytest.mark.timeout(900)
+def test_a_chain_runs_in_order_on_its_predecessors_outputs_and_a_failed_link_cancels_the_rest(
+    queued, sweep, slurm_env
+):
+    (second, second_dir), (third, third_dir) = queued.chains.ok
+    states = wait_terminal([second, third])
+    assert states[second]["state"] == states[third]["state"] == "COMPLETED", _tail(third_dir, third)
+
+    def span(job):
+        out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "Start,End"], env=slurm_env,
+                             capture_output=True, text=True).stdout  # fmt: skip
+        return out.strip().split("|")
+
+    assert max(span(job)[1] for job, _, _ in sweep.jobs) <= span(second)[0]  # after every point of the sweep
+    assert span(second)[1] <= span(third)[0]
+    # the third run trained from the model the second wrote, which did not exist when it was submitted
+    config = yaml.safe_load((third_dir / "config.yaml").read_text())
+    assert config["actor_rollout_ref"]["model"]["path"] == str(queued.chains.model)
+    assert (queued.chains.model / "config.json").is_file() and train_steps(third_dir) == [1]
+    assert "afterok:" in (third_dir / "rerun.sbatch").read_text()
+    # behind the failing sweep: cancelled, never started, and make status says which link failed
+    (blocked, blocked_dir), (blocked_2, blocked_2_dir) = queued.chains.blocked
+    states = wait_terminal([blocked, blocked_2])
+    assert states[blocked]["state"] == states[blocked_2]["state"] == "CANCELLED", states
+    assert not list(blocked_dir.glob("logs/*/driver.log")) and not list(
+        blocked_2_dir.glob("logs/*/driver.log")
+    )
+    first = make("status", slurm_env, f"SWEEP={blocked_dir}").stdout
+    assert re.search(r"cancelled: job \S+ of \S+, which it runs after, ended FAILED", first), first
+    second_status = make("status", slurm_env, f"SWEEP={blocked_2_dir}").stdout
+    assert f"cancelled: job {blocked} of {blocked_dir}, which it runs after, ended CANCELLED" in second_status
+
+
+@pytest.mark.timeout(300)
+def test_a_sweep_over_two_resource_sets_is_two_arrays_requesting_what_each_rerun_sbatch_does_and_cancels(
+    slurm_env,
+):
+    """Held at submission (``--hold``), so nothing runs: pending arrays, their requests, then make cancel."""
+    result = make(
+        "sweep-grpo", slurm_env, "EXP=tiny_grpo", "SWEEP=none",
+        "ARGS=cluster=ci resources=cpu_tiny,cpu_tiny_2node verl.data.seed=1,2 ++cluster.additional_parameters.hold=true",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    directory = Path(re.search(r"^sweep: (\S+)", result.stdout, flags=re.M).group(1))
+    jobs = [
+        (job, Path(run_dir), point)
+        for job, run_dir, point in re.findall(r"^  job (\S+)  (\S+)  (.*)$", result.stdout, flags=re.M)
+    ]
+    assert len(jobs) == 4
+    arrays = {}
+    for job, _, point in jobs:
+        arrays.setdefault(re.search(r"resources=(\w+)", point).group(1), set()).add(job.split("_")[0])
+    assert all(len(ids) == 1 for ids in arrays.values()) and len(set.union(*arrays.values())) == 2, arrays
+    squeue = subprocess.run(
+        ["squeue", "-h", "-r", "-j", ",".join(job for job, _, _ in jobs), "-o", "%i|%D|%l|%m|%T"],
+        env=slurm_env, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    queued = {line.split("|")[0]: line.split("|")[1:] for line in squeue.splitlines()}
+    for job, run_dir, _ in jobs:
+        rerun = (run_dir / "rerun.sbatch").read_text()
+        nodes = re.search(r"^#SBATCH --nodes=(\d+)$", rerun, flags=re.M).group(1)
+        minutes = int(re.search(r"^#SBATCH --time=(\d+)$", rerun, flags=re.M).group(1))
+        memory = re.search(r"^#SBATCH --mem=(\d+)G$", rerun, flags=re.M).group(1)
+        assert queued[job][:3] == [nodes, f"{minutes // 60}:{minutes % 60:02d}:00", f"{memory}G"], (
+            job,
+            queued[job],
+        )
+        assert queued[job][3] == "PENDING"
+    status = make("status", slurm_env, f"SWEEP={directory}")
+    assert "4 PENDING" in status.stdout, status.stdout  # pending array tasks (123_[0-1]) resolved per task
+    cancel = make("cancel", slurm_env, f"SWEEP={directory}")
+    assert cancel.returncode == 0 and "cancelled 4 of 4" in cancel.stdout, cancel.stdout + cancel.stderr
+    states = wait_terminal([job for job, _, _ in jobs], 120)
+    assert {states[job]["state"] for job, _, _ in jobs} == {"CANCELLED"}
+    assert not list(directory.glob("*/logs/*/driver.log"))  # nothing ran
+    launcher = int((directory / "launcher.pid").read_text())
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{launcher}").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not Path(f"/proc/{launcher}").exists(), "the sweep's launcher still waits for cancelled jobs"
 
 
 @pytest.mark.timeout(120)

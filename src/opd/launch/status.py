@@ -62,7 +62,27 @@ def sacct_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
         raise RuntimeError(
             f"sacct failed: {result.stderr.strip()} (is SLURM accounting reachable? SLURM_CONF?)"
         )
-    return parse_sacct(result.stdout)
+    states = parse_sacct(result.stdout)
+    for job in job_ids:  # tasks of an array cancelled before they started are one record: the array's
+        array = job.split("_")[0]
+        if job not in states and "_" in job and array in states:
+            states[job] = states[array]
+    missing = [job for job in job_ids if job not in states]
+    if missing:  # submitted a moment ago: not in the accounting database yet, but slurmctld knows them
+        states.update(squeue_states(missing))
+    return states
+
+
+def squeue_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
+    """slurmctld's live view (-r: array tasks one per line) of jobs that accounting does not list yet."""
+    result = subprocess.run(
+        ["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%i|%T|%M"], capture_output=True, text=True
+    )
+    states = {}
+    for line in result.stdout.splitlines() if result.returncode == 0 else []:
+        job, state, elapsed = line.split("|")
+        states[job] = {"state": state, "exit": "", "elapsed": elapsed, "nodes": ""}
+    return states
 
 
 def last_step(run_dir: Path) -> int | None:
