@@ -198,7 +198,9 @@ def convert_once(container: dict, runtime: str) -> str:
             sif.parent.mkdir(parents=True, exist_ok=True)
             partial = sif.with_name(sif.name + ".partial")
             print(f"[opd] converting {image} to {sif} once (apptainer pull)", file=sys.stderr, flush=True)
-            result = subprocess.run([runtime, "pull", "--force", str(partial), image], capture_output=True, text=True)
+            result = subprocess.run(
+                [runtime, "pull", "--force", str(partial), image], capture_output=True, text=True
+            )
             if result.returncode != 0 or not partial.is_file():
                 raise SubmissionError(f"{runtime} pull {image} failed: {result.stderr.strip()[-800:]}")
             os.replace(partial, sif)
@@ -223,7 +225,9 @@ def resolve(container: dict, run_dir: Path, verl: dict, variables: dict[str, str
     if source.startswith("docker://"):
         container["image"] = convert_once(container, runtime)
     container["digest"] = image_digest(container["image"])
-    container["pulled_from"] = image_digest(source) if source.startswith("docker://") else pulled_from(container["image"])
+    container["pulled_from"] = (
+        image_digest(source) if source.startswith("docker://") else pulled_from(container["image"])
+    )
     container["image_stat"] = image_stat(container["image"])
     code = [REPO] if _code(container) == "bind" else []
     container["binds"] = bind_list(
