@@ -393,7 +393,8 @@ def test_the_job_refuses_an_image_file_changed_since_submission_fake_apptainer(f
     assert run().returncode == 0
     os.utime(image, (stat.st_atime, stat.st_mtime + 100))  # touched, same content: hashed again, accepted
     assert run().returncode == 0
-    image.write_bytes(os.urandom(1 << 16))  # another image under the recorded name
+    image.write_bytes(os.urandom(1 << 16))  # another image under the recorded name, written later
+    os.utime(image, (stat.st_atime, stat.st_mtime + 200))  # (within the same second, size:mtime could match)
     result = run()
     assert result.returncode == 3 and "changed since submission" in result.stderr, result.stderr
 
