@@ -126,3 +126,95 @@ def as_list(value) -> list[str]:
     if isinstance(value, str):
         return [value]
     return [str(v) for v in value]
+
+
+# A DeepPlanning task database: the seven tables its nine travel tools read, relative to id_<N>/.
+AGENT_DATABASE_TABLES = (
+    "trains/trains.csv",
+    "flights/flights.csv",
+    "hotels/hotels.csv",
+    "attractions/attractions.csv",
+    "locations/locations_coords.csv",
+    "transportation/distance_matrix.csv",
+    "restaurants/restaurants.csv",
+)
+_AGENT_DATABASE_FIX = (
+    "export DATABASE_DIR=/path/to/deepplanning/database, the folder holding database_<lang>/id_<N>/ "
+    "(unzip DeepPlanning's database_<lang>.zip there, or generate a world with opd.agent.travel.world)"
+)
+_LISTED_DATABASES = 5
+
+
+def check_agent_database(parquet_files, database_dir: str | None) -> None:
+    """Refuse agent data whose tools would find no database: DATABASE_DIR must be set, exist and hold
+    the directory (with its seven tables) of every row's ``extra_info.database``.
+
+    Only that one nested column is read from each parquet file, so a few hundred rows check in
+    milliseconds on the login node. Remote and deferred files are skipped (their rows are unknown yet).
+    """
+    if not database_dir:
+        raise InputError(
+            f"DATABASE_DIR is not set: the travel tools read each task's database from it. {_AGENT_DATABASE_FIX}"
+        )
+    if _is_remote(str(database_dir)):
+        return
+    root = Path(os.path.expanduser(str(database_dir)))
+    if not root.is_dir():
+        raise InputError(f"DATABASE_DIR={database_dir} is not a directory. {_AGENT_DATABASE_FIX}")
+    databases: dict[str, str] = {}  # database -> the first file naming it
+    for path in as_list(parquet_files):
+        if not _is_remote(path) and not deferred(path):
+            for database in _row_databases(path):
+                databases.setdefault(database, path)
+    missing, incomplete = [], []
+    for database, path in databases.items():
+        folder = root / database
+        if not folder.is_dir():
+            missing.append(f"{folder}/ (rows of {path})")
+            continue
+        lacking = [table for table in AGENT_DATABASE_TABLES if not (folder / table).is_file()]
+        if lacking:
+            incomplete.append(f"{folder}/ lacks {', '.join(lacking)}")
+    for problems, what in ((missing, "has no directory"), (incomplete, "has incomplete directories")):
+        if problems:
+            shown = "; ".join(problems[:_LISTED_DATABASES])
+            more = (
+                f" and {len(problems) - _LISTED_DATABASES} more" if len(problems) > _LISTED_DATABASES else ""
+            )
+            raise InputError(
+                f"DATABASE_DIR={database_dir} {what} for {len(problems)} of the {len(databases)} task "
+                f"databases the data names: {shown}{more}. {_AGENT_DATABASE_FIX}; the data must come from "
+                "the same DeepPlanning copy (python -m opd.data.prepare_agent_data checks both)"
+            )
+
+
+def _row_databases(path: str) -> list[str]:
+    """The distinct ``extra_info.database`` values of one agent parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    file = Path(os.path.expanduser(path))
+    if not file.is_file():
+        raise InputError(
+            f"agent data file {path} does not exist: prepare it with python -m opd.data.prepare_agent_data"
+        )
+    try:
+        parquet = pq.ParquetFile(file)
+        schema = parquet.schema_arrow
+    except Exception as error:
+        raise InputError(f"agent data file {path} is not a readable parquet file: {error}") from error
+    index = schema.get_field_index("extra_info")
+    extra = schema.field(index).type if index >= 0 else None
+    if not (isinstance(extra, pa.StructType) and extra.get_field_index("database") >= 0):
+        raise InputError(
+            f"agent data file {path} has no extra_info.database column (which task database each row's "
+            "tools read): it is not travel agent data; prepare it with python -m opd.data.prepare_agent_data"
+        )
+    # the nested path reads that one leaf; flattened, the table is that one column
+    column = parquet.read(columns=["extra_info.database"]).flatten().column(0)
+    if column.null_count:
+        raise InputError(
+            f"agent data file {path}: {column.null_count} row(s) have no extra_info.database; regenerate "
+            "it with python -m opd.data.prepare_agent_data"
+        )
+    return list(dict.fromkeys(column.to_pylist()))
