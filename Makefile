@@ -14,7 +14,7 @@ GPU_MARKER := $(VENV)/.opd-gpu-env
 PYTEST_ARGS ?=
 
 .PHONY: help setup test test-fast test-e2e lint format tiny tiny-data data demo bench-loss bench-step bench-tip plot-tokens repro-tip plot-paced repro-paced convert \
-	slurm-up slurm-down sweep-opd sweep-grpo submit status cancel \
+	slurm-up slurm-down sweep-opd sweep-grpo sweep-agent submit status cancel \
 	container-build container-build-cpu container-test-cpu container-lock container-push container-pull \
 	container-sif container-verify clean
 
@@ -142,6 +142,9 @@ sweep-opd: setup ## OPD sweep, one SLURM job per point; returns with the job ids
 
 sweep-grpo: setup ## GRPO sweep, one SLURM job per point: [EXP=grpo] [SWEEP=learning_rates] [ARGS=...]
 	$(PY) -m opd.launch.sweep experiment=$(or $(EXP),grpo) sweep=$(or $(SWEEP),learning_rates) $(if $(AFTER),'after=[$(AFTER)]') $(ARGS)
+
+sweep-agent: setup ## agent OPD sweep (DeepPlanning travel tools; DATABASE_DIR): [EXP=opd_agent] [SWEEP=agent_turns] [ARGS=...]
+	$(PY) -m opd.launch.sweep experiment=$(or $(EXP),opd_agent) sweep=$(or $(SWEEP),agent_turns) $(if $(AFTER),'after=[$(AFTER)]') $(ARGS)
 
 submit: setup ## one run with plain sbatch (RUN_DIR/rerun.sbatch): make submit EXP=opd [ARGS=...] [AFTER=dir,...: start after those runs succeed]
 	@test -n "$(EXP)" || { echo "usage: make submit EXP=<configs/experiment name> [ARGS='overrides']" >&2; exit 2; }

@@ -19,15 +19,17 @@ LAUNCHERS = {
     "native": "train_grpo_native.sh",
     "no_kl": "train_grpo_native_no_kl.sh",
     "opd": "train_opd.sh",
+    "agent": "train_opd_agent.sh",
     "eval": "eval_math.sh",
     "convert": "convert_checkpoint.sh",
 }
-GROUPS = {"train": ["grpo", "native", "no_kl", "opd"], "all": list(LAUNCHERS)}
+GROUPS = {"train": ["grpo", "native", "no_kl", "opd", "agent"], "all": list(LAUNCHERS)}
 REQUIRED = {
     "grpo": ["MODEL_PATH"],
     "native": ["MODEL_PATH"],
     "no_kl": ["MODEL_PATH"],
     "opd": ["MODEL_PATH", "TEACHER_MODEL_PATH"],
+    "agent": ["MODEL_PATH", "TEACHER_MODEL_PATH"],
     "eval": ["MODEL_PATH"],
     "convert": ["CHECKPOINT_PATH"],
 }
@@ -73,8 +75,22 @@ TEST_VALUES = {
     "ENABLE_THINKING": "true",
     "INSTRUCTION_VARIANT": "dapo",
     "REWARD_FUNCTION": "math_dapo",
+    "ENABLE_TOOLS": "false",
+    "MAX_ASSISTANT_TURNS": "9",
+    "MAX_TOOL_RESPONSE_LENGTH": "2222",
+    "TOOL_FORMAT": "gpt-oss",
+    "AGENT_NUM_WORKERS": "5",
 }
-NOT_CONFIG = {"CHECKPOINT_PATH", "TARGET_DIR", "PYTHON", "OPD_REPO", "DAPO_TRAIN_RATIO", "PLATFORM"}
+NOT_CONFIG = {
+    "CHECKPOINT_PATH",
+    "TARGET_DIR",
+    "PYTHON",
+    "OPD_REPO",
+    "DAPO_TRAIN_RATIO",
+    "AGENT_TRAIN_RATIO",
+    "PLATFORM",
+    "DATABASE_DIR",  # a path: test_agent_launcher_prepares_data_and_finds_the_database
+}
 
 
 def readme_rows() -> list[dict]:
@@ -190,7 +206,15 @@ def _same(value, expected: str) -> bool:
         return str(value).lower() == expected.lower()
 
 
-@pytest.mark.parametrize("launcher", ["grpo", "native", "no_kl", "opd", "eval"])
+def travel_data_dir(root) -> str:
+    """A DATA_DIR holding DeepPlanning's layout (synthetic) under deepplanning/, as the agent launcher reads it."""
+    from opd.agent.travel.world import write_world
+
+    write_world(root / "deepplanning", seed=0, n_tasks=4, languages=("en", "zh"))
+    return str(root)
+
+
+@pytest.mark.parametrize("launcher", ["grpo", "native", "no_kl", "opd", "agent", "eval"])
 def test_each_variable_reaches_its_config_key_and_defaults_match_the_readme(
     launcher, tiny_assets, tiny_raw_data, tmp_path
 ):
@@ -198,6 +222,9 @@ def test_each_variable_reaches_its_config_key_and_defaults_match_the_readme(
     base = tiny_launcher_env(
         tiny_assets, tiny_raw_data, tmp_path / "out", TEACHER_MODEL_PATH=str(tiny_assets / "teacher")
     )
+    data_dir = str(tiny_raw_data)
+    if launcher == "agent":
+        base["DATA_DIR"] = data_dir = travel_data_dir(tmp_path / "data")
     for name in TEST_VALUES:  # only the README's defaults: drop the tiny sizes
         base.pop(name, None)
     script = str(REPO / "jobs" / LAUNCHERS[launcher])
@@ -238,7 +265,7 @@ def test_each_variable_reaches_its_config_key_and_defaults_match_the_readme(
             assert _same(OmegaConf.select(config, key), default), (
                 f"{launcher}: {key} default != README {default}"
             )
-    assert config.run.data_dir == str(tiny_raw_data) and config.run.model_name == "student"
+    assert config.run.data_dir == data_dir and config.run.model_name == "student"
 
 
 def test_launchers_run_from_a_copy_as_under_sbatch(tiny_assets, tiny_raw_data, tmp_path):

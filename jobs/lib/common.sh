@@ -126,6 +126,17 @@ prepare_eval_data() {
     "$PYTHON" -m opd.data.process_eval_data --data-dir "$DATA_DIR" --instruction-variant "$1" >&2
 }
 
+# DeepPlanning's travel layout (data/travelplanning_query_<lang>.json, database/) in $DATA_DIR/deepplanning
+# -> $DATA_DIR/agent_processed (train.parquet, val_travel_<lang>.parquet), as the original launcher did.
+prepare_agent_data() {
+    if [[ ! -e "$DATA_DIR/deepplanning/data" && -f "$DATA_DIR/agent_processed/train.parquet" ]]; then
+        echo "no raw DeepPlanning data under $DATA_DIR/deepplanning: using $DATA_DIR/agent_processed as it is" >&2
+        return
+    fi
+    "$PYTHON" -m opd.data.prepare_agent_data --data-dir "$DATA_DIR/deepplanning" --database-dir "$DATABASE_DIR" \
+        --output-dir "$DATA_DIR/agent_processed" --train-ratio "${AGENT_TRAIN_RATIO:-0.8}" >&2
+}
+
 # run MODULE ARGS... : print the command, then replace this shell with it (signals reach Python directly).
 run() {
     echo "+ $PYTHON -m $*" >&2

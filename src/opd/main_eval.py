@@ -1,4 +1,5 @@
 """MODEL_PATH=... python -m opd.main_eval actor_rollout_ref.model.path=$MODEL_PATH [platform=cpu]   (jobs/eval_math.sh)
+DATABASE_DIR=... python -m opd.main_eval task=travel actor_rollout_ref.model.path=...   (agents, tools on)
 
 Validation only: sample ``VAL_N`` answers per problem from the model on the processed eval sets
 (``INSTRUCTION_VARIANT``: boxed | dapo | none, written by ``python -m opd.data.process_eval_data``), score
@@ -6,6 +7,8 @@ them with ``REWARD_FUNCTION`` (math_reward | math_dapo) and report mean@n, pass@
 source: a table on stdout, ``eval_results.json`` and every generation in ``generations.jsonl`` in the run
 directory. Sampling: ``VAL_TEMPERATURE``, ``VAL_TOP_P``, ``VAL_TOP_K``. Options: ``opd/config/eval.yaml``.
 verl's validation loop does the generation (same rollout engines, batching and reward workers as training).
+With ``task=travel`` the agent plans with the travel tools (multi-turn, as in training) on the prepared
+``agent_processed/val_travel_<lang>.parquet`` files, and opd.rewards.travel scores the plans.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ REWARD_FUNCTIONS = ("math_reward", "math_dapo", "boxed")
 def check_eval_settings(config: DictConfig) -> None:
     """Known variant and reward, n >= 1, processed files present; fills the internal training file."""
     OmegaConf.resolve(config)
+    if config.get("agent") is not None and config.agent.get("tools"):
+        return check_tool_task_files(config)
     variant, reward = config.eval.instruction_variant, config.eval.reward_function
     if variant not in INSTRUCTION_VARIANTS:
         raise InputError(f"INSTRUCTION_VARIANT={variant}: choose one of {', '.join(INSTRUCTION_VARIANTS)}")
@@ -54,6 +59,22 @@ def check_eval_settings(config: DictConfig) -> None:
         )
     with open_dict(config):
         # verl's TaskRunner always builds a training loader; point it at an eval file (never trained on).
+        config.data.train_files = val_files[:1]
+
+
+def check_tool_task_files(config: DictConfig) -> None:
+    """A tool task (``task=travel``) brings its own prompts and reward: its validation files must exist."""
+    if int(config.actor_rollout_ref.rollout.val_kwargs.n) < 1:
+        raise InputError("VAL_N must be >= 1 (samples per task)")
+    val_files = as_list(config.data.val_files)
+    missing = [f for f in val_files if not Path(f).is_file()]
+    if not val_files or missing:
+        raise InputError(
+            f"agent eval file(s) {missing or '(none given)'} not found: prepare them with `python -m "
+            f"opd.data.prepare_agent_data --data-dir data/deepplanning --output-dir {config.run.data_dir}/"
+            "agent_processed` (or pass data.val_files=[...])"
+        )
+    with open_dict(config):
         config.data.train_files = val_files[:1]
 
 

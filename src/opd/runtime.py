@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import opd.config  # noqa: F401  (registers the opd.* resolvers the recipes use)
+from opd.agent.config import check_agent, write_tool_config
 from opd.data.checks import InputError, as_list, check_chat_template, check_rl_parquet, resolve_model_dir
 
 
@@ -27,6 +28,7 @@ def check_inputs(config: DictConfig) -> None:
     for key in ("train_files", "val_files"):
         for path in as_list(config.data.get(key)):
             check_rl_parquet(path, f"data.{key}")
+    check_agent(config)
 
 
 def configure_ray(config: DictConfig) -> None:
@@ -164,7 +166,9 @@ def prepare(config: DictConfig, run_dir: str | None = None, check=check_inputs) 
     OmegaConf.resolve(config)
     check(config)
     configure_ray(config)
-    trim_metrics_file(route_metrics_file(config, run_dir or os.getcwd()), resume_step(config))
+    run_dir = run_dir or os.getcwd()
+    write_tool_config(config, run_dir)
+    trim_metrics_file(route_metrics_file(config, run_dir), resume_step(config))
     if config.trainer.device == "cpu":
         from opd.backends.cpu import setup_worker
 

@@ -35,11 +35,23 @@ def _product(*factors) -> int:
     return math.prod(int(f) for f in factors)
 
 
+def _eval_tag(tools, instruction_variant, reward_function) -> str:
+    """What an evaluation measured, in its run name: ``boxed-math_reward`` (math) or the tool task's name."""
+    return str(tools) if tools not in (None, "None") else f"{instruction_variant}-{reward_function}"
+
+
 def _tiny_dir(name: str = "") -> str:
     """Where the tiny assets live (``opd.tiny.default_dir``), e.g. ``${opd.tiny_dir:student}``."""
     from opd.tiny import default_dir
 
     return str(default_dir() / name)
+
+
+def _tiny_agent_dir(name: str = "") -> str:
+    """Where the tiny agent assets live (``make tiny-agent``), e.g. ``${opd.tiny_agent_dir:student}``."""
+    from opd.tiny.agent_build import default_agent_dir
+
+    return str(default_agent_dir() / name)
 
 
 def _verl_config_dir() -> str:
@@ -57,11 +69,13 @@ def register_resolvers() -> None:
     for name, fn in (
         ("opd.verl_config_dir", _verl_config_dir),
         ("opd.tiny_dir", _tiny_dir),
+        ("opd.tiny_agent_dir", _tiny_agent_dir),
         ("opd.basename", _basename),
         ("opd.teacher_name", _teacher_name),
         ("opd.safe_name", _safe_name),
         ("opd.token_cap", _token_cap),
         ("opd.product", _product),
+        ("opd.eval_tag", _eval_tag),
     ):
         OmegaConf.register_new_resolver(name, fn, replace=True)
 

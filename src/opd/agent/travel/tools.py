@@ -89,7 +89,9 @@ class TravelTool(BaseTool):
         schema = tool_schema or OpenAIFunctionToolSchema.model_validate(
             load_schemas(self.language)[self.tool_name]
         )
-        super().__init__(config, schema)
+        # BaseTool.__init__ only sets these three and prints the schema; verl's tool agent loop builds the
+        # tools again for every trajectory, which would print nine schemas per rollout into the job's log.
+        self.config, self.tool_schema, self.name = config, schema, schema.function.name
         self._instances: dict[str, dict] = {}
 
     async def create(self, instance_id: str | None = None, **kwargs) -> tuple[str, ToolResponse]:
