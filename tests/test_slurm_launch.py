@@ -637,6 +637,40 @@ def test_missing_teacher_or_data_is_refused_before_anything_is_queued(
     assert not list(tmp_path.glob("**/rerun.sbatch"))  # no half-written run directory left behind
 
 
+@pytest.mark.timeout(180)
+def test_agent_sweep_without_its_databases_is_refused_before_anything_is_queued(slurm_env, tiny_assets, tmp_path):
+    """make sweep-agent: DATABASE_DIR unset, then one that lacks the data's task directories."""
+    from opd.agent.travel.world import write_world
+    from opd.data.prepare_agent_data import prepare_agent_data
+
+    world = tmp_path / "data" / "deepplanning"
+    write_world(world, seed=0, n_tasks=2, languages=("en", "zh"))
+    prepare_agent_data(data_dir=world, output_dir=tmp_path / "data" / "agent_processed", train_ratio=0.5,
+                       database_dir=world / "database")  # fmt: skip
+    env = dict(
+        slurm_env,
+        MODEL_PATH=str(tiny_assets / "student"),
+        TEACHER_MODEL_PATH=str(tiny_assets / "teacher"),
+        DATA_DIR=str(tmp_path / "data"),
+        OUTPUT_ROOT=str(tmp_path / "out"),
+    )
+    env.pop("DATABASE_DIR", None)
+    before = all_job_ids(env)
+    args = "ARGS=cluster=ci resources=cpu_tiny"
+    unset = make("sweep-agent", env, args)
+    (tmp_path / "empty" / "database_en").mkdir(parents=True)
+    elsewhere = make("sweep-agent", dict(env, DATABASE_DIR=str(tmp_path / "empty")), args)
+    for result, expected in (
+        (unset, "export DATABASE_DIR="),
+        (elsewhere, f"DATABASE_DIR={tmp_path / 'empty'} has no directory for"),
+    ):
+        assert result.returncode != 0 and expected in result.stderr, result.stderr[-2000:]
+        assert "database_en/id_" in result.stderr or result is unset
+        assert "nothing was submitted" in result.stderr
+    assert all_job_ids(env) == before
+    assert not list(tmp_path.glob("out/**/rerun.sbatch"))
+
+
 def _tail(run_dir: Path, job: str) -> str:
     logs = sorted((run_dir / "logs").glob(f"slurm-{job}.out")) + sorted(
         (run_dir / "logs").glob(f"{job}.*/driver.log")
