@@ -51,7 +51,9 @@ def agent_config(travel_data, monkeypatch, *overrides: str):
     return config
 
 
-def test_opd_agent_recipe_runs_the_tool_loop_on_the_travel_data_with_the_travel_reward(travel_data, monkeypatch):
+def test_opd_agent_recipe_runs_the_tool_loop_on_the_travel_data_with_the_travel_reward(
+    travel_data, monkeypatch
+):
     monkeypatch.setenv("DATABASE_DIR", str(travel_data["database_dir"]))
     config = agent_config(travel_data, monkeypatch)
     rollout = config.actor_rollout_ref.rollout
@@ -67,7 +69,9 @@ def test_opd_agent_recipe_runs_the_tool_loop_on_the_travel_data_with_the_travel_
     assert check_agent(config).tools == "travel"
 
 
-def test_a_travel_run_without_its_databases_is_refused_naming_database_dir(travel_data, monkeypatch, tmp_path):
+def test_a_travel_run_without_its_databases_is_refused_naming_database_dir(
+    travel_data, monkeypatch, tmp_path
+):
     monkeypatch.delenv("DATABASE_DIR", raising=False)
     with pytest.raises(InputError, match="export DATABASE_DIR="):
         check_agent(agent_config(travel_data, monkeypatch))
@@ -77,7 +81,9 @@ def test_a_travel_run_without_its_databases_is_refused_naming_database_dir(trave
     with pytest.raises(InputError, match=r"database_(en|zh)/id_\d"):
         check_agent(agent_config(travel_data, monkeypatch))
     # tools off (ENABLE_TOOLS=False): nothing to check
-    assert check_agent(agent_config(travel_data, monkeypatch, "actor_rollout_ref.rollout.multi_turn.enable=false"))
+    assert check_agent(
+        agent_config(travel_data, monkeypatch, "actor_rollout_ref.rollout.multi_turn.enable=false")
+    )
 
 
 @pytest.mark.parametrize(
@@ -97,13 +103,21 @@ def test_bad_agent_settings_are_refused_naming_the_key(agent, message):
     assert message in str(error.value)
 
 
-def test_the_run_writes_its_own_tool_config_and_verl_builds_the_tools_from_it(travel_data, monkeypatch, tmp_path):
+def test_the_run_writes_its_own_tool_config_and_verl_builds_the_tools_from_it(
+    travel_data, monkeypatch, tmp_path
+):
     from verl.tools.utils.tool_registry import initialize_tools_from_config
 
     monkeypatch.setenv("DATABASE_DIR", str(travel_data["database_dir"]))
-    config = agent_config(travel_data, monkeypatch, "actor_rollout_ref.rollout.multi_turn.max_tool_response_length=777")
+    config = agent_config(
+        travel_data, monkeypatch, "actor_rollout_ref.rollout.multi_turn.max_tool_response_length=777"
+    )
     path = write_tool_config(config, str(tmp_path / "run"))
-    assert path == str(tmp_path / "run" / "tool_config.yaml") == config.actor_rollout_ref.rollout.multi_turn.tool_config_path
+    assert (
+        path
+        == str(tmp_path / "run" / "tool_config.yaml")
+        == config.actor_rollout_ref.rollout.multi_turn.tool_config_path
+    )
     tools = initialize_tools_from_config(path)
     assert {tool.name for tool in tools} == NINE_TOOLS
     assert {tool.max_answer_chars for tool in tools} == {777}  # MAX_TOOL_RESPONSE_LENGTH bounds the answers
@@ -112,13 +126,17 @@ def test_the_run_writes_its_own_tool_config_and_verl_builds_the_tools_from_it(tr
     with open_dict(config):
         config.actor_rollout_ref.rollout.multi_turn.tool_config_path = "/mine.yaml"
     assert write_tool_config(config, str(tmp_path / "other")) == "/mine.yaml"
-    subset = tool_config(AgentConfig(tools="travel", database_dir="/db", tool_names=("search_location",)), 1024)
+    subset = tool_config(
+        AgentConfig(tools="travel", database_dir="/db", tool_names=("search_location",)), 1024
+    )
     assert [t["tool_schema"]["function"]["name"] for t in subset["tools"]] == ["search_location"]
     with pytest.raises(InputError, match="unknown tools"):
         tool_config(AgentConfig(tools="travel", database_dir="/db", tool_names=("book_hotel",)), 1024)
 
 
-def test_agent_evaluation_composes_with_the_tools_on_and_names_the_data_step(travel_data, monkeypatch, tmp_path):
+def test_agent_evaluation_composes_with_the_tools_on_and_names_the_data_step(
+    travel_data, monkeypatch, tmp_path
+):
     from opd.main_eval import check_eval_settings
 
     monkeypatch.setenv("DATA_DIR", str(tmp_path / "empty"))

@@ -120,8 +120,12 @@ def tool_config(agent: AgentConfig, max_answer_chars: int) -> dict:
     offered = [tool["tool_schema"]["function"]["name"] for tool in mapping["tools"]]
     unknown = sorted(set(agent.tool_names) - set(offered))
     if unknown:
-        raise InputError(f"agent.tool_names: unknown tools {unknown}; agent.tools={agent.tools} offers {offered}")
-    return {"tools": [t for t in mapping["tools"] if t["tool_schema"]["function"]["name"] in agent.tool_names]}
+        raise InputError(
+            f"agent.tool_names: unknown tools {unknown}; agent.tools={agent.tools} offers {offered}"
+        )
+    return {
+        "tools": [t for t in mapping["tools"] if t["tool_schema"]["function"]["name"] in agent.tool_names]
+    }
 
 
 def write_tool_config(config, run_dir: str) -> str | None:
