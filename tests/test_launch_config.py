@@ -71,6 +71,7 @@ def test_sweep_points_compose_for_their_experiment(sweep, model_env, tmp_path):
         "tiny_grpo": "tiny_grpo",
         "tip_rules": "tiny_opd_tip",
         "paced": "tiny_opd_paced",
+        "agent_turns": "opd_agent",
     }.get(sweep, "grpo")
     cfg = login(f"experiment={experiment}", f"sweep={sweep}")
     params = cfg.hydra.sweeper.params or {}

@@ -77,3 +77,47 @@ def build_key(seed: int) -> str:
     """Short hash of builder version + seed + recipe; a build is reused only when its key matches."""
     payload = json.dumps({"version": BUILDER_VERSION, "seed": seed, "recipe": recipe()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# ---- the tiny agent task (opd.tiny.agent_task): its own tokenizer, teacher and student ------------------
+AGENT_BUILDER_VERSION = "2"
+AGENT_VOCAB_SIZE = 1536  # merges across punctuation (dates and codes whole): a trace is ~330 tokens
+AGENT_N_TRAIN = 3000
+AGENT_N_VAL = 128
+AGENT_MAX_POSITIONS = 768  # prompt with the tool schema (up to ~190 tokens) + up to two calls and answers
+AGENT_PROMPT_LENGTH = 256
+AGENT_RESPONSE_LENGTH = 512
+AGENT_MAX_TOOL_CHARS = 1024  # multi_turn.max_tool_response_length of the runs (one route is ~600 characters)
+AGENT_TEACHER = ModelSpec(hidden_size=128, num_layers=2, num_heads=8, num_kv_heads=4, intermediate_size=256)
+AGENT_TEACHER_SFT = SFTRecipe(
+    lr=2e-3, batch_size=16, max_steps=1000, warmup_steps=30, eval_every=100, stop_band=(0.92, 1.0)
+)
+AGENT_STUDENT = ModelSpec(hidden_size=96, num_layers=2, num_heads=8, num_kv_heads=4, intermediate_size=256)
+AGENT_STUDENT_SFT = SFTRecipe(
+    lr=2e-3, batch_size=16, max_steps=1000, warmup_steps=30, eval_every=50, stop_band=(0.15, 0.40)
+)
+AGENT_TEACHER_MIN_ACCURACY = 0.85
+AGENT_STUDENT_MAX_ACCURACY = 0.45
+
+
+def agent_recipe() -> dict:
+    """All settings of an agent build, as plain JSON-able data."""
+    return {
+        "vocab_size": AGENT_VOCAB_SIZE,
+        "n_train": AGENT_N_TRAIN,
+        "n_val": AGENT_N_VAL,
+        "max_positions": AGENT_MAX_POSITIONS,
+        "prompt_length": AGENT_PROMPT_LENGTH,
+        "response_length": AGENT_RESPONSE_LENGTH,
+        "max_tool_chars": AGENT_MAX_TOOL_CHARS,
+        "teacher": {"model": asdict(AGENT_TEACHER), "sft": asdict(AGENT_TEACHER_SFT)},
+        "student": {"model": asdict(AGENT_STUDENT), "sft": asdict(AGENT_STUDENT_SFT)},
+    }
+
+
+def agent_build_key(seed: int) -> str:
+    """Like ``build_key``, for the agent build (which never changes the arithmetic assets' key)."""
+    payload = json.dumps(
+        {"version": AGENT_BUILDER_VERSION, "seed": seed, "recipe": agent_recipe()}, sort_keys=True
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -17,8 +17,15 @@ IGNORE_INDEX = -100
 MAX_NEW_TOKENS = 16
 
 
-def make_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen2ForCausalLM:
-    """A freshly initialised Qwen2ForCausalLM with tied embeddings and the tokenizer's special ids."""
+def make_model(
+    spec: ModelSpec,
+    tokenizer: PreTrainedTokenizerFast,
+    seed: int,
+    max_positions: int = 512,
+    tie_embeddings: bool = True,
+) -> Qwen2ForCausalLM:
+    """A freshly initialised Qwen2ForCausalLM with the tokenizer's special ids (embeddings tied unless
+    ``tie_embeddings=False``)."""
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
@@ -26,8 +33,8 @@ def make_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, seed: int) -
         num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie_embeddings,
         bos_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -136,8 +143,14 @@ def sft(
     recipe: SFTRecipe,
     seed: int,
     name: str,
+    evaluate_fn=None,
+    loss_fn=None,
 ) -> dict:
-    """Train until val accuracy lands in ``recipe.stop_band``; returns the final evaluation and step count."""
+    """Train until val accuracy lands in ``recipe.stop_band``; returns the final evaluation and step count.
+
+    ``evaluate_fn(model) -> {"val_accuracy", "format_rate"}`` replaces the arithmetic task's evaluation
+    (the agent task evaluates through the tool agent loop); ``loss_fn(model, batch) -> loss`` replaces the
+    model's own loss (the agent task's skips padding and the unlabelled positions' logits)."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.0)
     low, high = recipe.stop_band
@@ -153,14 +166,14 @@ def sft(
         cursor += recipe.batch_size
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step - 1, recipe)
-        loss = model(**batch).loss
+        loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if step % recipe.eval_every and step != recipe.max_steps:
             continue
-        scores = evaluate(model, tokenizer, val_prompts, val_answers)
+        scores = evaluate_fn(model) if evaluate_fn else evaluate(model, tokenizer, val_prompts, val_answers)
         elapsed = time.perf_counter() - started
         print(
             f"[{name}] step {step:5d}  loss {loss.item():.4f}  val_acc {scores['val_accuracy']:.3f}  "
