@@ -638,7 +638,9 @@ def test_missing_teacher_or_data_is_refused_before_anything_is_queued(
 
 
 @pytest.mark.timeout(180)
-def test_agent_sweep_without_its_databases_is_refused_before_anything_is_queued(slurm_env, tiny_assets, tmp_path):
+def test_agent_sweep_without_its_databases_is_refused_before_anything_is_queued(
+    slurm_env, tiny_assets, tmp_path
+):
     """make sweep-agent: DATABASE_DIR unset, then one that lacks the data's task directories."""
     from opd.agent.travel.world import write_world
     from opd.data.prepare_agent_data import prepare_agent_data
