@@ -30,17 +30,43 @@ REWARD_FUNCTIONS = ("math_reward", "math_dapo", "boxed")
 
 
 def check_eval_settings(config: DictConfig) -> None:
-    """Known variant and reward, n >= 1, processed files present; fills the internal training file."""
+    """Known variant and reward, n >= 1, processed files present; fills the internal training file. A tool
+    task (``task=travel``) brings its own prompts and reward, so only its files and n are checked."""
     OmegaConf.resolve(config)
-    if config.get("agent") is not None and config.agent.get("tools"):
-        return check_tool_task_files(config)
+    tool_task = config.get("agent") is not None and bool(config.agent.get("tools"))
+    if tool_task:
+        prepare = (
+            f"`python -m opd.data.prepare_agent_data --data-dir data/deepplanning --output-dir "
+            f"{config.run.data_dir}/agent_processed`"
+        )
+    else:
+        variant = check_math_settings(config)
+        prepare = (
+            f"`python -m opd.data.process_eval_data --data-dir {config.run.data_dir} --instruction-variant "
+            f"{variant}` (or `make data`)"
+        )
+    if int(config.actor_rollout_ref.rollout.val_kwargs.n) < 1:
+        raise InputError("VAL_N must be >= 1 (samples per problem)")
+    val_files = as_list(config.data.val_files)
+    if not val_files:
+        raise InputError(
+            f"no eval files: set data.val_files=[...], or DATA_DIR and prepare them with {prepare}"
+        )
+    missing = [f for f in val_files if not Path(f).is_file()]
+    if missing:
+        raise InputError(f"eval file(s) {missing} not found: prepare them with {prepare}")
+    with open_dict(config):
+        # verl's TaskRunner always builds a training loader; point it at an eval file (never trained on).
+        config.data.train_files = val_files[:1]
+
+
+def check_math_settings(config: DictConfig) -> str:
+    """Known instruction variant and reward function (a warning when they disagree); returns the variant."""
     variant, reward = config.eval.instruction_variant, config.eval.reward_function
     if variant not in INSTRUCTION_VARIANTS:
         raise InputError(f"INSTRUCTION_VARIANT={variant}: choose one of {', '.join(INSTRUCTION_VARIANTS)}")
     if reward not in REWARD_FUNCTIONS:
         raise InputError(f"REWARD_FUNCTION={reward}: choose one of {', '.join(REWARD_FUNCTIONS)}")
-    if int(config.actor_rollout_ref.rollout.val_kwargs.n) < 1:
-        raise InputError("VAL_N must be >= 1 (samples per problem)")
     if (variant == "dapo") != (reward == "math_dapo"):
         print(
             f"warning: INSTRUCTION_VARIANT={variant} with REWARD_FUNCTION={reward}: the prompts ask for "
@@ -48,34 +74,7 @@ def check_eval_settings(config: DictConfig) -> None:
             f" but the reward reads {'an Answer: line' if reward == 'math_dapo' else 'a boxed answer'}",
             file=sys.stderr,
         )
-    val_files = as_list(config.data.val_files)
-    if not val_files:
-        raise InputError("no eval files: set data.val_files=[...] or INSTRUCTION_VARIANT and DATA_DIR")
-    missing = [f for f in val_files if not Path(f).is_file()]
-    if missing:
-        raise InputError(
-            f"eval file(s) {missing} not found: prepare them with `python -m opd.data.process_eval_data "
-            f"--data-dir {config.run.data_dir} --instruction-variant {variant}` (or `make data`)"
-        )
-    with open_dict(config):
-        # verl's TaskRunner always builds a training loader; point it at an eval file (never trained on).
-        config.data.train_files = val_files[:1]
-
-
-def check_tool_task_files(config: DictConfig) -> None:
-    """A tool task (``task=travel``) brings its own prompts and reward: its validation files must exist."""
-    if int(config.actor_rollout_ref.rollout.val_kwargs.n) < 1:
-        raise InputError("VAL_N must be >= 1 (samples per task)")
-    val_files = as_list(config.data.val_files)
-    missing = [f for f in val_files if not Path(f).is_file()]
-    if not val_files or missing:
-        raise InputError(
-            f"agent eval file(s) {missing or '(none given)'} not found: prepare them with `python -m "
-            f"opd.data.prepare_agent_data --data-dir data/deepplanning --output-dir {config.run.data_dir}/"
-            "agent_processed` (or pass data.val_files=[...])"
-        )
-    with open_dict(config):
-        config.data.train_files = val_files[:1]
+    return variant
 
 
 CONFIG_NAME = "eval"
