@@ -24,7 +24,7 @@ def small_task(tmp_path_factory) -> dict:
     tool_config = agent_build.write_tool_config(root)
     rows = splits["train"].to_dict("records")
     tokenizer = train_tokenizer(
-        agent_build.corpus(rows, tool_config), 512, split_words=False, max_length=recipe.AGENT_MAX_POSITIONS
+        agent_build.corpus(rows, tool_config), recipe.AGENT_VOCAB_SIZE, split_words=False, max_length=recipe.AGENT_MAX_POSITIONS
     )
     tokenizer.save_pretrained(root / "model")
     make_model(recipe.AGENT_STUDENT, tokenizer, 0, max_positions=recipe.AGENT_MAX_POSITIONS).save_pretrained(
@@ -95,6 +95,20 @@ def test_traces_are_verls_loop_outputs_with_tool_answers_from_the_database_and_m
         assert labelled == sum(output.response_mask)  # labels on the assistant's tokens only
 
 
+def test_cities_dates_and_train_numbers_are_one_token_wherever_they_appear(small_task):
+    """A model copies them from the question into the call and from the tool's answer into the reply: each
+    must be the same single token in every context (a train number as a letter and digit tokens took a
+    2-layer teacher three times as many steps to copy)."""
+    tokenizer = small_task["tokenizer"]
+    row = small_task["rows"][0]
+    a, b, date = json.loads(row["extra_info"]["legs"])[0]
+    numbers = row["reward_model"]["ground_truth"].split(", ")
+    for piece in [a, b, date, *numbers]:
+        (token,) = tokenizer.encode(piece)
+        for context in (f'"{piece}"', f"from {piece} on", f"\\boxed{{{piece}}}", f'": "{piece}",'):
+            assert token in tokenizer.encode(context), (piece, context)
+
+
 def test_a_trace_the_loop_cannot_follow_is_refused(small_task):
     from opd.tiny.agent_train import trace_outputs
 
@@ -112,7 +126,8 @@ def test_evaluation_runs_the_loop_on_the_model(small_task):
     model = AutoModelForCausalLM.from_pretrained(small_task["root"] / "model")
     rows = small_task["splits"]["val"].to_dict("records")[:4]
     result = evaluate_agent(small_task["config"], small_task["tokenizer"], model, rows)
-    assert result == {"val_accuracy": 0.0, "format_rate": 0.0}  # an untrained model neither calls nor answers
+    # an untrained model neither calls nor answers
+    assert result == {"val_accuracy": 0.0, "format_rate": 0.0, "malformed_calls": 0}
     assert Path(small_task["root"] / "model" / "config.json").is_file()
 
 

@@ -34,6 +34,7 @@ DATES = [(dt.date(2025, 11, 10) + dt.timedelta(days=d)).isoformat() for d in ran
 N_DATABASES = 4
 ROUND_TRIP_SHARE = 0.3  # tasks that need two tool calls
 TRAIN_PREFIXES = ["G", "D", "K", "T", "Z"]
+TRAIN_NUMBERS = [f"{p}{n}" for p in TRAIN_PREFIXES for n in range(11, 23)]  # 60: a guess is right 1 in 60
 SEAT_CLASS = "Second Class Seat"
 TRAIN_TYPES = {"G": "High-speed Rail", "D": "EMU", "K": "Fast", "T": "Express", "Z": "Direct Express"}
 
@@ -55,9 +56,11 @@ def database_name(index: int) -> str:
 
 
 def _trains(rng: random.Random) -> dict[tuple[str, str, str], dict]:
-    """One direct train per (origin, destination, date) of one database. A train number is a letter and two
-    digits (450 numbers, so trips share them, as a daily train does): each is one token of the task's
-    tokenizer, seen often in training, so reading it out of the tool's answer is a single copy."""
+    """One direct train per (origin, destination, date) of one database, its number drawn from
+    ``TRAIN_NUMBERS`` (so trips share numbers, as a daily train does). Each number is one token of the task's
+    tokenizer (``ENTITY_PATTERN``), so reading it out of the tool's answer is a single copy: written as a
+    letter and two digit tokens, the digits had to be picked out of an answer full of other digits (times,
+    prices, durations), and a 2-layer model took ~2,500 steps to learn that instead of ~800."""
     trains = {}
     for a in CITIES:
         for b in CITIES:
@@ -65,7 +68,7 @@ def _trains(rng: random.Random) -> dict[tuple[str, str, str], dict]:
                 continue
             for date in DATES:
                 trains[(a, b, date)] = {
-                    "no": f"{rng.choice(TRAIN_PREFIXES)}{rng.randrange(10, 100)}",
+                    "no": rng.choice(TRAIN_NUMBERS),
                     "dep": rng.randrange(6 * 60, 21 * 60, 5),
                     "dur": rng.randrange(40, 240, 5),
                     "seats": str(rng.randrange(1, 30)) if rng.random() < 0.8 else "",

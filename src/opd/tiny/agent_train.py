@@ -14,6 +14,7 @@ the accuracy the build reports is the tool-using success the OPD run starts from
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import torch
@@ -194,18 +195,42 @@ class ModelServer:
 
 def evaluate_agent(config, tokenizer, model, rows: list[dict]) -> dict[str, float]:
     """Greedy success of ``model`` through the tool agent loop, and its tool-use rates."""
+    from verl.experimental.agent_loop import tool_parser
+
     from opd.tiny.agent_task import compute_score
 
     was_training = model.training
     model.eval()
     server = ModelServer(config, model)
+    # verl logs an ERROR line per call it cannot parse; a model early in SFT writes hundreds per evaluation,
+    # which would bury the build's progress lines: they are counted instead (a test-worthy number, not noise)
+    parser_log = logging.getLogger(tool_parser.__file__)
+    malformed = _Counter()
+    parser_log.addFilter(malformed)
     try:
         outputs = asyncio.run(_run_rows(config, tokenizer, rows, lambda row: server))
     finally:
+        parser_log.removeFilter(malformed)
         model.train(was_training)
     scores, called = [], []
     for row, output in zip(rows, outputs, strict=True):
         text = tokenizer.decode(output.response_ids, skip_special_tokens=True)
         scores.append(compute_score(row["data_source"], text, row["reward_model"]["ground_truth"])["acc"])
         called.append(0 in output.response_mask)  # a tool answered at least once
-    return {"val_accuracy": sum(scores) / len(rows), "format_rate": sum(called) / len(rows)}
+    return {
+        "val_accuracy": sum(scores) / len(rows),
+        "format_rate": sum(called) / len(rows),
+        "malformed_calls": malformed.count,
+    }
+
+
+class _Counter(logging.Filter):
+    """Drops the records it sees and counts them."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.count += 1
+        return False

@@ -74,9 +74,9 @@ inside <tool_call></tool_call> tags.<|im_end|>\\n' -}}
 
 
 # split_words=False: the pieces BPE may not merge with their neighbours. A date, a train number (a letter and
-# its digits), a capitalised word or an all-caps code (a station code such as "AVS") is a piece of its own;
-# any other digit stands alone.
-ENTITY_PATTERN = r" from | to |[0-9]{4}-[0-9]{2}-[0-9]{2}|[A-Z]+[a-z]*|[0-9]"
+# its digits, which BPE then merges into one token), a capitalised word or an all-caps code (a station code
+# such as "AVS") is a piece of its own; any other digit stands alone.
+ENTITY_PATTERN = r" from | to |[0-9]{4}-[0-9]{2}-[0-9]{2}|[A-Z][0-9]+|[A-Z]+[a-z]*|[0-9]"
 
 
 def train_tokenizer(

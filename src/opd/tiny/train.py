@@ -177,7 +177,8 @@ def sft(
         elapsed = time.perf_counter() - started
         print(
             f"[{name}] step {step:5d}  loss {loss.item():.4f}  val_acc {scores['val_accuracy']:.3f}  "
-            f"format {scores['format_rate']:.3f}  {elapsed:6.1f}s",
+            f"format {scores['format_rate']:.3f}  {elapsed:6.1f}s"
+            + "".join(f"  {k} {v}" for k, v in scores.items() if k not in ("val_accuracy", "format_rate")),
             flush=True,
         )
         result = {**scores, "steps": step}
