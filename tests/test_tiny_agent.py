@@ -24,7 +24,10 @@ def small_task(tmp_path_factory) -> dict:
     tool_config = agent_build.write_tool_config(root)
     rows = splits["train"].to_dict("records")
     tokenizer = train_tokenizer(
-        agent_build.corpus(rows, tool_config), recipe.AGENT_VOCAB_SIZE, split_words=False, max_length=recipe.AGENT_MAX_POSITIONS
+        agent_build.corpus(rows, tool_config),
+        recipe.AGENT_VOCAB_SIZE,
+        split_words=False,
+        max_length=recipe.AGENT_MAX_POSITIONS,
     )
     tokenizer.save_pretrained(root / "model")
     make_model(recipe.AGENT_STUDENT, tokenizer, 0, max_positions=recipe.AGENT_MAX_POSITIONS).save_pretrained(

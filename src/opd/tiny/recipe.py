@@ -81,7 +81,7 @@ def build_key(seed: int) -> str:
 
 # ---- the tiny agent task (opd.tiny.agent_task): its own tokenizer, teacher and student ------------------
 AGENT_BUILDER_VERSION = "3"
-AGENT_VOCAB_SIZE = 1024  # a cap: the traces run out of merges at ~990 tokens (dates, codes whole); ~330 per trace
+AGENT_VOCAB_SIZE = 1024  # a cap: the traces run out of merges at ~990 (~330 tokens per trace)
 AGENT_N_TRAIN = 3000
 AGENT_N_VAL = 128
 AGENT_MAX_POSITIONS = 768  # prompt with the tool schema (up to ~190 tokens) + up to two calls and answers
