@@ -13,7 +13,7 @@ GPU_MARKER := $(VENV)/.opd-gpu-env
 # set OPD_TINY_DIR to keep them elsewhere.
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-fast test-e2e lint format tiny tiny-data data demo bench-loss bench-step bench-tip plot-tokens repro-tip plot-paced repro-paced convert \
+.PHONY: help setup test test-fast test-e2e lint format tiny tiny-agent tiny-data data demo demo-agent bench-loss bench-step bench-tip plot-tokens repro-tip plot-paced repro-paced convert \
 	slurm-up slurm-down sweep-opd sweep-grpo sweep-agent submit status cancel \
 	container-build container-build-cpu container-test-cpu container-lock container-push container-pull \
 	container-sif container-verify clean
@@ -66,6 +66,9 @@ format: setup ## apply ruff fixes and formatting
 tiny: setup ## build (or reuse) the tiny tokenizer, teacher, student and data; prints accuracies
 	$(PY) -m opd.tiny build
 
+tiny-agent: setup ## build (or reuse) the tiny agent task: databases, rows, a tool-calling teacher, a lagging student
+	$(PY) -m opd.tiny build --task agent
+
 tiny-data: setup ## tiny problems in the math layout, processed, under DATA_DIR (default outputs/tiny_data): tiny_* experiments
 	$(PY) -m opd.tiny data $(or $(DATA_DIR),outputs/tiny_data)
 
@@ -75,6 +78,9 @@ data: setup ## raw math data under DATA_DIR (default ./data) -> data/grpo_proces
 
 demo: setup ## the embedded default: tiny assets + a short experiment through verl on CPU, before/after table
 	$(PY) -m opd.demo
+
+demo-agent: setup ## agent OPD on the tiny agent task (real tool calls through verl's tool loop), before/after table
+	$(PY) -m opd.demo --task agent
 
 bench-loss: setup ## OPD loss vs the seed's pattern at V=151,936: time, peak memory, error (a benchmark, not a test)
 	$(PY) -m opd.bench.loss --out outputs/bench/loss.json

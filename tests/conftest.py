@@ -17,6 +17,16 @@ def tiny_assets() -> Path:
     return out_dir
 
 
+@pytest.fixture(scope="session")
+def tiny_agent_assets() -> Path:
+    """The tiny agent task's databases, rows, teacher and student (``make tiny-agent``; minutes to build)."""
+    from opd.tiny.agent_build import build_agent, default_agent_dir
+
+    out_dir = default_agent_dir()
+    build_agent(out_dir)
+    return out_dir
+
+
 def compose_verl_config(overrides: list[str], config_name: str = "grpo_trainer"):
     """The exact config an entry point would see, composed without running it."""
     from hydra import compose, initialize_config_module
@@ -133,11 +143,19 @@ def slurm_cluster() -> Path:
 
 
 # --- Test tiers (README "Development"): `make test-fast` runs `-m "not e2e"`, `make test-e2e` runs `-m e2e` --
-# Fixtures that start a SLURM cluster or a verl run: only e2e tests may use them.
-E2E_FIXTURES = {"slurm_cluster", "grpo_checkpoint_run"}
+# Fixtures that start a SLURM cluster or a verl run, or train models for minutes: only e2e tests may use them.
+E2E_FIXTURES = {"slurm_cluster", "grpo_checkpoint_run", "tiny_agent_assets"}
 # E2e files, longest first: with `--dist loadfile` each file goes to one worker, so the SLURM jobs run on
 # the cluster while the other worker takes the verl runs; the rest follow in collection order.
-E2E_FILE_ORDER = ["test_slurm_launch.py", "test_grpo_e2e.py", "test_opd_e2e.py", "test_eval_e2e.py"]
+# The agent file comes early: its fixture builds the tiny agent models, which the SLURM file's agent sweep
+# also waits for (the build holds a lock), while the cluster is busy with the other SLURM tests.
+E2E_FILE_ORDER = [
+    "test_slurm_launch.py",
+    "test_agent_opd_e2e.py",
+    "test_grpo_e2e.py",
+    "test_opd_e2e.py",
+    "test_eval_e2e.py",
+]
 
 
 def tier_problem(item) -> str | None:

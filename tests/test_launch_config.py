@@ -20,6 +20,7 @@ from opd.launch.ray_cluster import BAND_SIZE, ClusterError, PortLayout, ray_star
 from opd.launch.rundir import login_values, verl_overrides
 from opd.launch.sweep import hydra_arguments
 from opd.tiny import default_dir
+from opd.tiny.agent_build import default_agent_dir
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIGS) / "experiment").glob("*.yaml"))
 SWEEPS = sorted(p.stem for p in (Path(CONFIGS) / "sweep").glob("*.yaml"))
@@ -37,7 +38,7 @@ def model_env(monkeypatch):
 
 
 def test_every_seed_experiment_has_a_tiny_cpu_variant():
-    full = {"grpo", "grpo_native", "grpo_native_no_kl", "opd", "eval"}
+    full = {"grpo", "grpo_native", "grpo_native_no_kl", "opd", "opd_agent", "eval"}
     assert full | {f"tiny_{name}" for name in full} <= set(EXPERIMENTS)
     for name in full:
         assert login(f"experiment=tiny_{name}").resources.platform == "cpu"
@@ -57,9 +58,8 @@ def test_experiment_composes_on_both_sides_with_resources_stated_once(experiment
     )
     assert "#SBATCH --nodes=2" in options and "#SBATCH --gpus-per-node=8" in options
     assert verl.trainer.default_local_dir == str(tmp_path)
-    expected_model = (
-        "/models/student" if not experiment.startswith("tiny_") else str(default_dir() / "student")
-    )
+    tiny = default_agent_dir() if "agent" in experiment else default_dir()
+    expected_model = "/models/student" if not experiment.startswith("tiny_") else str(tiny / "student")
     assert verl.actor_rollout_ref.model.path == expected_model
 
 
@@ -72,6 +72,7 @@ def test_sweep_points_compose_for_their_experiment(sweep, model_env, tmp_path):
         "tip_rules": "tiny_opd_tip",
         "paced": "tiny_opd_paced",
         "agent_turns": "opd_agent",
+        "tiny_agent": "tiny_opd_agent",
     }.get(sweep, "grpo")
     cfg = login(f"experiment={experiment}", f"sweep={sweep}")
     params = cfg.hydra.sweeper.params or {}

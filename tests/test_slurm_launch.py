@@ -637,6 +637,25 @@ def test_missing_teacher_or_data_is_refused_before_anything_is_queued(
     assert not list(tmp_path.glob("**/rerun.sbatch"))  # no half-written run directory left behind
 
 
+@pytest.mark.timeout(1200)
+def test_agent_sweep_runs_both_points_with_real_tool_calls(slurm_env, tiny_agent_assets):
+    """``make sweep-agent`` on the tiny agent task: two points (teacher signals), one step each, COMPLETED, the
+    tools called inside the jobs (their databases reached the nodes)."""
+    result = make(
+        "sweep-agent", slurm_env, "EXP=tiny_opd_agent", "SWEEP=tiny_agent",
+        "ARGS=cluster=ci verl.trainer.total_training_steps=1 verl.trainer.val_before_train=false",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    jobs = re.findall(r"^  job (\S+)  (\S+)  (.*)$", result.stdout, flags=re.M)
+    assert len(jobs) == 2, result.stdout
+    states = wait_terminal([job for job, _, _ in jobs])
+    for job, run_dir, _ in jobs:
+        assert states[job]["state"] == "COMPLETED", (job, states[job], _tail(Path(run_dir), job))
+        (step,) = train_metrics(Path(run_dir)).values()
+        assert step["tool_mask/tool_tokens"] > 0 and step["opd/target_tokens"] == step["tool_mask/llm_tokens"]
+        assert (Path(run_dir) / "tool_config.yaml").is_file()  # the run's own, in its directory
+
+
 @pytest.mark.timeout(180)
 def test_agent_sweep_without_its_databases_is_refused_before_anything_is_queued(
     slurm_env, tiny_assets, tmp_path

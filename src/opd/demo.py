@@ -1,4 +1,4 @@
-"""python -m opd.demo [--steps N] [--loss-type T] [--teacher-signal S] [--out DIR]   (also: make demo)
+"""python -m opd.demo [--task math|agent] [--steps N] [--loss-type T] [--teacher-signal S] [--out DIR]   (make demo, make demo-agent)
 
 The embedded default experiment: build (or reuse) the tiny assets, then distil the tiny teacher into the
 tiny student on its own rollouts with ``python -m opd.main_opd`` through verl on CPU (Ray, FSDP workers,
@@ -10,6 +10,11 @@ Demo settings (measured on a 2-core machine): 128 prompts per step, one sample e
 samples), mini-batches of 64 prompts and two passes over each batch (four optimizer steps per rollout),
 lr 2e-3 after 5 warm-up steps, 60 steps (~6 s each). The student starts at the steep part of its learning
 curve (see ``opd.tiny.recipe``), so the teacher's signal lifts it by tens of points within that budget.
+
+``--task agent`` runs agent OPD on the tiny agent task instead (``opd.tiny.agent_task``, ``make tiny-agent``):
+the student plans train trips by calling DeepPlanning's ``query_train_info`` through verl's tool agent loop
+over the generated databases, the teacher scores the student's own tokens, and the tool's answers are masked
+out of the loss. Held-out success is read through the same loop (greedy).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 from opd.runtime import METRICS_FILE
 
 VAL_ACCURACY = "val-core/tiny_arith/acc/mean@1"
+AGENT_VAL_ACCURACY = "val-core/tiny_travel/acc/mean@1"
 DIVERGENCE = "opd/divergence"
 
 
@@ -37,18 +43,27 @@ def tiny_opd_overrides(assets: Path, run_dir: Path, steps: int, save_freq: int =
     ]
 
 
-def tiny_run_overrides(assets: Path, run_dir: Path, steps: int, save_freq: int, test_freq: int) -> list[str]:
-    """Sizes, data and student shared by every tiny CPU run."""
+def tiny_run_overrides(
+    assets: Path,
+    run_dir: Path,
+    steps: int,
+    save_freq: int,
+    test_freq: int,
+    prompt_length: int = 96,
+    response_length: int = 24,
+    rollout_n: int = 4,
+) -> list[str]:
+    """Sizes, data and student shared by every tiny CPU run (math and agent)."""
     return [
         "platform=cpu",
         f"data.train_files={assets / 'data' / 'train.parquet'}",
         f"data.val_files={assets / 'data' / 'val.parquet'}",
         "data.train_batch_size=8",
         "data.val_batch_size=256",
-        "data.max_prompt_length=96",
-        "data.max_response_length=24",
+        f"data.max_prompt_length={prompt_length}",
+        f"data.max_response_length={response_length}",
         f"actor_rollout_ref.model.path={assets / 'student'}",
-        "actor_rollout_ref.rollout.n=4",
+        f"actor_rollout_ref.rollout.n={rollout_n}",
         "actor_rollout_ref.rollout.temperature=1.0",
         "actor_rollout_ref.actor.ppo_mini_batch_size=8",
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",  # divides the mini-batch for any rollout.n
@@ -62,6 +77,38 @@ def tiny_run_overrides(assets: Path, run_dir: Path, steps: int, save_freq: int, 
         "trainer.val_before_train=true",
         f"trainer.default_local_dir={run_dir / 'checkpoints'}",
         f"hydra.run.dir={run_dir}",
+    ]
+
+
+def tiny_agent_overrides(
+    assets: Path, run_dir: Path, steps: int, save_freq: int = -1, test_freq: int = -1
+) -> list[str]:
+    """verl + opd overrides for agent OPD of the tiny agent student (``opd.tiny.agent_build``) on CPU: the
+    ``opd_agent`` recipe with the tiny task's data, databases, tool and reward."""
+    from opd.tiny import recipe
+
+    return [
+        "experiment=opd_agent",
+        *tiny_run_overrides(
+            assets,
+            run_dir,
+            steps,
+            save_freq,
+            test_freq,
+            prompt_length=recipe.AGENT_PROMPT_LENGTH,
+            response_length=recipe.AGENT_RESPONSE_LENGTH,
+            rollout_n=1,
+        ),
+        f"opd.max_length={recipe.AGENT_PROMPT_LENGTH + recipe.AGENT_RESPONSE_LENGTH}",
+        f"opd.teacher_path={assets / 'teacher'}",
+        f"agent.database_dir={assets / 'database'}",
+        "agent.tool_names=[query_train_info]",
+        "reward.custom_reward_function.path=pkg://opd.tiny.agent_task",
+        "actor_rollout_ref.rollout.multi_turn.max_assistant_turns=4",
+        f"actor_rollout_ref.rollout.multi_turn.max_tool_response_length={recipe.AGENT_MAX_TOOL_CHARS}",
+        "actor_rollout_ref.rollout.val_kwargs.n=1",
+        "actor_rollout_ref.rollout.val_kwargs.do_sample=false",
+        "trainer.experiment_name=tiny_opd_agent",
     ]
 
 
@@ -122,23 +169,39 @@ def demo_overrides(loss_type: str, teacher_signal: str) -> list[str]:
     ]
 
 
-def validation_curve(metrics: list[dict]) -> list[dict]:
-    """(step, held-out accuracy, mean divergence of that step's update) for every validated step."""
+AGENT_DEMO_STEPS = 100
+
+
+def agent_demo_overrides(loss_type: str, teacher_signal: str) -> list[str]:
+    """Agent demo settings: 32 tasks per step, one rollout each, two optimizer steps per rollout."""
     return [
-        {"step": m["step"], "val_accuracy": m["data"][VAL_ACCURACY], "divergence": m["data"].get(DIVERGENCE)}
-        for m in metrics
-        if VAL_ACCURACY in m["data"]
+        "data.train_batch_size=32",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=16",
+        "actor_rollout_ref.actor.optim.lr=1e-3",
+        "actor_rollout_ref.actor.optim.lr_warmup_steps=3",
+        f"opd.loss_type={loss_type}",
+        f"opd.teacher_signal={teacher_signal}",
+        "trainer.experiment_name=tiny_opd_agent_demo",
     ]
 
 
-def plot_curve(metrics: list[dict], path: Path) -> None:
+def validation_curve(metrics: list[dict], key: str = VAL_ACCURACY) -> list[dict]:
+    """(step, held-out accuracy, mean divergence of that step's update) for every validated step."""
+    return [
+        {"step": m["step"], "val_accuracy": m["data"][key], "divergence": m["data"].get(DIVERGENCE)}
+        for m in metrics
+        if key in m["data"]
+    ]
+
+
+def plot_curve(metrics: list[dict], path: Path, key: str = VAL_ACCURACY) -> None:
     """Held-out accuracy (validated steps) and the divergence (every step) against the training step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curve = validation_curve(metrics)
+    curve = validation_curve(metrics, key)
     losses = [(m["step"], m["data"][DIVERGENCE]) for m in metrics if DIVERGENCE in m["data"]]
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
     acc_ax.plot([c["step"] for c in curve], [c["val_accuracy"] for c in curve], marker="o")
@@ -154,8 +217,13 @@ def plot_curve(metrics: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60, help="OPD training steps (default 60)")
-    parser.add_argument("--test-freq", type=int, default=10, help="validate every N steps (default 10)")
+    parser.add_argument(
+        "--task", choices=("math", "agent"), default="math", help="math (default) | agent (tool calls)"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="OPD training steps (default 60; agent 100)")
+    parser.add_argument(
+        "--test-freq", type=int, default=None, help="validate every N steps (default 10; agent 20)"
+    )
     parser.add_argument(
         "--loss-type", default="forward_kl", help="reverse_kl | forward_kl | jsd (default forward_kl)"
     )
@@ -163,34 +231,55 @@ def main(argv: list[str] | None = None) -> int:
         "--teacher-signal", default="hidden", help="logits | hidden | topk | sampled (default hidden)"
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("outputs/demo"), help="run directory (default outputs/demo)"
+        "--out",
+        type=Path,
+        default=None,
+        help="run directory (default outputs/demo, agent: outputs/demo_agent)",
     )
     args = parser.parse_args(argv)
+    agent = args.task == "agent"
+    steps = args.steps or (AGENT_DEMO_STEPS if agent else 60)
+    test_freq = args.test_freq or (20 if agent else 10)
+    out = args.out or Path("outputs/demo_agent" if agent else "outputs/demo")
+    key = AGENT_VAL_ACCURACY if agent else VAL_ACCURACY
 
     import opd.tiny
 
     started = time.time()
-    assets = Path(opd.tiny.default_dir())
-    accuracy = opd.tiny.build(assets)
-    run_dir = args.out.resolve()
+    if agent:
+        from opd.tiny.agent_build import build_agent, default_agent_dir
+
+        assets = default_agent_dir()
+        accuracy = build_agent(assets)
+    else:
+        assets = Path(opd.tiny.default_dir())
+        accuracy = opd.tiny.build(assets)
+    run_dir = out.resolve()
     if (run_dir / METRICS_FILE).exists():  # a new run, not a resumed one: keep the curve to this run only
         (run_dir / METRICS_FILE).unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     print(
         f"[demo] assets: {assets}\n[demo] run dir: {run_dir}\n"
-        f"[demo] OPD ({args.loss_type}, teacher signal {args.teacher_signal}) of the tiny student, {args.steps} steps"
+        f"[demo] {'agent ' if agent else ''}OPD ({args.loss_type}, teacher signal {args.teacher_signal}) of the "
+        f"tiny student, {steps} steps"
     )
-    overrides = [
-        *tiny_opd_overrides(assets, run_dir, args.steps, test_freq=args.test_freq),
-        *demo_overrides(args.loss_type, args.teacher_signal),
-        "trainer.resume_mode=disable",
-    ]
+    if agent:
+        overrides = [
+            *tiny_agent_overrides(assets, run_dir, steps, test_freq=test_freq),
+            *agent_demo_overrides(args.loss_type, args.teacher_signal),
+        ]
+    else:
+        overrides = [
+            *tiny_opd_overrides(assets, run_dir, steps, test_freq=test_freq),
+            *demo_overrides(args.loss_type, args.teacher_signal),
+        ]
+    overrides.append("trainer.resume_mode=disable")
     code = run_entry("opd.main_opd", overrides, run_dir / "train.log")
     if code != 0:
         print(f"[demo] training failed (exit {code}); see {run_dir / 'train.log'}", file=sys.stderr)
         return code
     metrics = read_metrics(run_dir)
-    curve = validation_curve(metrics)
+    curve = validation_curve(metrics, key)
     before, after = curve[0], curve[-1]
     result = {
         "teacher_val_accuracy": accuracy["teacher"]["val_accuracy"],
@@ -198,13 +287,14 @@ def main(argv: list[str] | None = None) -> int:
         "student_val_accuracy_after": after["val_accuracy"],
         "gain_points": round(100 * (after["val_accuracy"] - before["val_accuracy"]), 1),
         "steps": after["step"],
+        "task": args.task,
         "loss_type": args.loss_type,
         "teacher_signal": args.teacher_signal,
         "curve": curve,
         "seconds": round(time.time() - started, 1),
     }
     (run_dir / "demo_result.json").write_text(json.dumps(result, indent=2))
-    plot_curve(metrics, run_dir / "demo_curve.png")
+    plot_curve(metrics, run_dir / "demo_curve.png", key)
     rows = [
         ("teacher", result["teacher_val_accuracy"]),
         (f"student before (step {before['step']})", before["val_accuracy"]),

@@ -1,6 +1,6 @@
 """Build the tiny agent assets: databases, tasks, a tokenizer, and a tool-calling teacher and a lagging student.
 
-    python -c "from opd.tiny.agent_build import build_agent; build_agent()"
+    python -m opd.tiny build --task agent [OUT_DIR] [--seed 0] [--force]      (make tiny-agent)
 
 Layout of a build (default ``~/.cache/opd/tiny-agent/<key>``, or ``$OPD_TINY_AGENT_DIR``)::
 
@@ -14,10 +14,6 @@ Both models are supervised on the teacher traces (tool call per leg, then the bo
 agent loop lays them out (``opd.tiny.agent_train``): the teacher until it solves nearly every held-out task
 through the real loop and tool, the student (smaller) stopped while it still fails most of them, though it
 already calls the tool. Agent OPD then has room to show.
-
-Status: the recipe does not reach its targets yet. The student lands in its band, but the teacher has not
-learnt to copy train numbers out of the tool's answer within its 1,000 steps, so the build stops with
-"missed its targets" and caches nothing.
 """
 
 from __future__ import annotations
