@@ -14,7 +14,7 @@ GPU_MARKER := $(VENV)/.opd-gpu-env
 PYTEST_ARGS ?=
 
 .PHONY: help setup test test-fast test-e2e lint format tiny tiny-agent tiny-data data demo demo-agent bench-loss bench-step bench-tip plot-tokens repro-tip plot-paced repro-paced convert \
-	slurm-up slurm-down sweep-opd sweep-grpo sweep-agent submit status cancel \
+	slurm-up slurm-down sweep-opd sweep-grpo sweep-agent submit status report cancel \
 	container-build container-build-cpu container-test-cpu container-lock container-push container-pull \
 	container-sif container-verify clean
 
@@ -159,6 +159,10 @@ submit: setup ## one run with plain sbatch (RUN_DIR/rerun.sbatch): make submit E
 status: setup ## job states of a sweep or run from sacct: make status SWEEP=<dir printed by sweep-*/submit>
 	@test -n "$(SWEEP)" || { echo "usage: make status SWEEP=<sweep or run directory>" >&2; exit 2; }
 	$(PY) -m opd.launch.status $(SWEEP)
+
+report: setup ## results side by side (Markdown, CSV, plots in DIR/report/): make report SWEEP=<sweep, run or folder of runs> [ARGS=--metric KEY]
+	@test -n "$(SWEEP)" || { echo "usage: make report SWEEP=<sweep, run or folder of runs>" >&2; exit 2; }
+	$(PY) -m opd.report $(SWEEP) $(ARGS)
 
 cancel: setup ## cancel a sweep's (or run's) unfinished jobs, pending array tasks included: make cancel SWEEP=<dir>
 	@test -n "$(SWEEP)" || { echo "usage: make cancel SWEEP=<sweep or run directory>" >&2; exit 2; }

@@ -9,6 +9,7 @@ the file faster, only the per-job overhead (Ray, verl's workers: ~45 CPU-s) does
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -654,6 +655,30 @@ def test_agent_sweep_runs_both_points_with_real_tool_calls(slurm_env, tiny_agent
         (step,) = train_metrics(Path(run_dir)).values()
         assert step["tool_mask/tool_tokens"] > 0 and step["opd/target_tokens"] == step["tool_mask/llm_tokens"]
         assert (Path(run_dir) / "tool_config.yaml").is_file()  # the run's own, in its directory
+    # `make report` on the finished sweep: one row per point, its numbers those of the run's metrics file
+    sweep_dir = Path(jobs[0][1]).parent
+    result = make("report", slurm_env, f"SWEEP={sweep_dir}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    with open(sweep_dir / "report" / "report.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["job"] for row in rows] == [job for job, _, _ in jobs]
+    assert [row["overrides"] for row in rows] == [
+        "verl.opd.teacher_signal=hidden",
+        "verl.opd.teacher_signal=topk",
+    ]
+    for row, (_, run_dir, _) in zip(rows, jobs, strict=True):
+        records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        (validated,) = [r["data"] for r in records if "val-core/tiny_travel/acc/mean@1" in r["data"]]
+        assert row["status"] == "done" and row["step"] == "1"
+        assert (
+            float(row["final val-core/tiny_travel/acc/mean@1"])
+            == validated["val-core/tiny_travel/acc/mean@1"]
+        )
+        throughput = [r["data"]["perf/throughput"] for r in records if "perf/throughput" in r["data"]]
+        assert float(row["tokens_per_s"]) == pytest.approx(sum(throughput) / len(throughput))
+    assert {"val_curves.png", "train_curves.png", "final.png"} <= {
+        p.name for p in (sweep_dir / "report").iterdir()
+    }
 
 
 @pytest.mark.timeout(180)
