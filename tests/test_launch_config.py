@@ -59,7 +59,9 @@ def test_experiment_composes_on_both_sides_with_resources_stated_once(experiment
     assert "#SBATCH --nodes=2" in options and "#SBATCH --gpus-per-node=8" in options
     assert verl.trainer.default_local_dir == str(tmp_path)
     tiny = default_agent_dir() if "agent" in experiment else default_dir()
-    expected_model = "/models/student" if not experiment.startswith("tiny_") else str(tiny / "student")
+    # the teacher answers in the rollouts stage (the tiny one has its own; the full one reads MODEL_PATH)
+    tiny_model = "teacher" if experiment == "tiny_teacher_rollouts" else "student"
+    expected_model = "/models/student" if not experiment.startswith("tiny_") else str(tiny / tiny_model)
     assert verl.actor_rollout_ref.model.path == expected_model
 
 

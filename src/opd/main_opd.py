@@ -107,9 +107,26 @@ def check_teacher_context(config: DictConfig, opd: OPDConfig) -> None:
         )
 
 
+def check_stored_rollouts(config: DictConfig, opd: OPDConfig) -> None:
+    """With ``opd.rollouts=stored``: the training files are rollouts files (token ids, masks, scores)."""
+    if opd.rollouts != "stored":
+        return
+    from opd.distill.stored import RolloutsError, check_files
+
+    files = config.data.train_files
+    files = [files] if isinstance(files, str) else list(files)
+    if any(deferred(f) for f in files):  # an earlier run of the chain writes them: checked in the job
+        return
+    try:
+        check_files(files)
+    except RolloutsError as error:
+        raise InputError(str(error)) from error
+
+
 def check_config(config: DictConfig) -> None:
     """The typed OPD config, student, data and teacher: everything a run needs before Ray starts."""
     opd = check_opd(config)
+    check_stored_rollouts(config, opd)
     check_inputs(config)
     check_teacher(config)
     check_teacher_context(config, opd)

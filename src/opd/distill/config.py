@@ -16,6 +16,9 @@ from typing import Any
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 SIGNALS = ("logits", "hidden", "topk", "sampled")
+# where the distilled tokens come from: the student's own rollouts (on-policy), or stored ones (a teacher's,
+# written with their token ids by python -m opd.main_eval ... eval.save_rollouts=true; opd.distill.stored)
+ROLLOUT_SOURCES = ("student", "stored")
 # divergences each teacher signal supports (sampled: the one-token estimator of the reverse KL only)
 SUPPORTED = {"logits": DIVERGENCES, "hidden": DIVERGENCES, "topk": DIVERGENCES, "sampled": ("reverse_kl",)}
 OVERLONG_POLICIES = ("truncate", "skip", "error")
@@ -317,6 +320,7 @@ class OPDConfig:
     sample_weighting: SampleWeighting = dataclasses.field(default_factory=lambda: SampleWeighting())
     schedule: Schedule = dataclasses.field(default_factory=lambda: Schedule())
     teacher_context: TeacherContext = dataclasses.field(default_factory=lambda: TeacherContext())
+    rollouts: str = "student"  # one of ROLLOUT_SOURCES
 
     def __post_init__(self) -> None:
         for name, group in (
@@ -333,6 +337,13 @@ class OPDConfig:
         _one_of("teacher", self.teacher, TEACHERS)
         _one_of("loss_type", self.loss_type, DIVERGENCES)
         _one_of("teacher_signal", self.teacher_signal, SIGNALS)
+        _one_of("rollouts", self.rollouts, ROLLOUT_SOURCES)
+        if self.rollouts == "stored" and self.teacher_signal == "sampled":
+            raise OPDConfigError(
+                "opd.rollouts=stored with opd.teacher_signal=sampled: the sampled signal estimates the reverse KL "
+                "from tokens the student itself sampled, and stored tokens were sampled by another model (biased); "
+                "use an exact signal: teacher_signal=hidden (or logits, topk)"
+            )
         if self.teacher == "self" and self.teacher_path is not None:
             raise OPDConfigError(
                 f"opd.teacher=self (a frozen copy of the initial student) with opd.teacher_path={self.teacher_path}: "
@@ -449,6 +460,12 @@ def check_trainer(opd: OPDConfig, actor_rollout_ref: Mapping[str, Any]) -> None:
             f"opd.sample_weighting.method=paced weighs each prompt by its pass rate over its rollout.n samples, "
             f"but actor_rollout_ref.rollout.n={n} (every pass rate would be 0 or 1: weight 0); set "
             "actor_rollout_ref.rollout.n >= 2 (PACED reportedly uses 8)"
+        )
+    if opd.rollouts == "stored" and n != 1:
+        raise OPDConfigError(
+            f"opd.rollouts=stored trains on the stored responses, one per row of the rollouts file, but "
+            f"actor_rollout_ref.rollout.n={n} would repeat each {n} times; set actor_rollout_ref.rollout.n=1 "
+            "(store more samples per prompt instead: VAL_N / val_kwargs.n of the rollouts stage)"
         )
     if opd.teacher_signal == "sampled":
         temperature = float(rollout.get("temperature", 1.0))

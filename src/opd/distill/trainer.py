@@ -57,6 +57,17 @@ def write_token_pairs(per_rank: list | None, step: int) -> None:
 class OPDTrainer(SaveThenStop, RayPPOTrainer):
     """verl's trainer with the actor update replaced by ``update_actor_opd`` on the worker group."""
 
+    def init_workers(self):
+        """With ``opd.rollouts=stored`` training batches take their stored responses (off-policy); the
+        validation still generates with the student."""
+        super().init_workers()
+        if self.config.opd.get("rollouts", "student") == "stored":
+            from opd.distill.stored import StoredRollouts
+
+            self.async_rollout_manager = StoredRollouts(
+                self.async_rollout_manager, self.tokenizer.pad_token_id
+            )
+
     def _compute_old_log_prob(self, batch: DataProto):
         """OPD has no importance ratio: skip verl's extra student forward; keep the keys fit() expects."""
         response_mask = batch.batch["response_mask"]
