@@ -47,6 +47,8 @@ NODE_CHECK_INTERVAL_S = 5.0
 # cluster.signal_delay_s (a third of short delays): the current step must be saved within the rest, or
 # the job requeues without it.
 REQUEUE_MARGIN_S = 30.0
+# launch.yaml export_model: the run's last checkpoint as a Hugging Face model, for the stages after it
+EXPORTED_MODEL = "model"
 
 
 class JobFailed(RuntimeError):
@@ -141,7 +143,7 @@ class Node:
                 "nothing to train. To repeat it from scratch, submit it anew with the login overrides in "
                 f"{self.run_dir / 'overrides.txt'} (make submit EXP=... ARGS=...)"
             )
-            return 0
+            return self.export_model()
         write_token(self.token)
         (self.run_dir / preemption.STOP_REQUEST).unlink(missing_ok=True)  # an earlier attempt's
         (self.run_dir / preemption.STOPPED).unlink(missing_ok=True)
@@ -222,6 +224,51 @@ class Node:
             step = json.loads(stopped.read_text())["step"]
             _say(f"step {step} saved for the walltime/preemption signal")
             return self.requeue(step)
+        return self.export_model()
+
+    def export_model(self) -> int:
+        """With ``export_model`` (a pipeline stage whose model later stages read): the last checkpoint as a
+        verified Hugging Face model in ``RUN_DIR/model``. Runs after training, so a failed conversion fails
+        the job (and the stages waiting for it) instead of handing on a broken path."""
+        if not self.launch.get("export_model"):
+            return 0
+        from opd.checkpoint import LATEST_STEP_FILE, MARKER_FILE
+
+        target = self.run_dir / EXPORTED_MODEL
+        latest = self.run_dir / LATEST_STEP_FILE
+        if not latest.is_file():
+            raise JobFailed(
+                f"export_model: the run saved no checkpoint ({latest} is missing): set trainer.save_freq > 0 "
+                "(verl also saves at the last step then)"
+            )
+        source = str((self.run_dir / f"global_step_{latest.read_text().strip()}" / "actor").resolve())
+        marker = target / MARKER_FILE
+        if marker.is_file():
+            held = json.loads(marker.read_text())
+            if held.get("source") == source and held.get("verified"):
+                _say(f"{target} already holds the last checkpoint's model")
+                return 0
+            shutil.rmtree(target)  # an older checkpoint's conversion (a run continued past it)
+        log = self.attempt_dir / "export_model.log"
+        _say(f"converting the last checkpoint to a Hugging Face model in {target}; log {log}")
+        with open(log, "w") as out:
+            code = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "opd.checkpoint",
+                    "convert",
+                    str(self.run_dir),
+                    "--target",
+                    str(target),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            ).returncode
+        if code != 0:
+            raise JobFailed(
+                f"converting the last checkpoint to {target} failed: the error is at the end of {log}"
+            )
         return 0
 
     # --- the walltime / preemption signal -----------------------------------------------------------

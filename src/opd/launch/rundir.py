@@ -200,15 +200,23 @@ def node_command(launch: dict, run_dir: Path) -> list[str]:
     return [*python_command(launch), "-m", "opd.launch.node", str(run_dir)]
 
 
-def prepare(cfg: DictConfig, run_dir: Path, overrides: list[str], code: Path | None = None) -> Path:
+def prepare(
+    cfg: DictConfig,
+    run_dir: Path,
+    overrides: list[str],
+    code: Path | None = None,
+    after: list[dict] | None = None,
+) -> Path:
     """Write ``run_dir`` for the login config ``cfg``; raise SubmissionError before writing anything
     a job could start from (config.yaml and rerun.sbatch are written last). ``code``: the code snapshot
-    the job runs (a sweep's shared one); by default the run takes its own, ``RUN_DIR/code``."""
+    the job runs (a sweep's shared one); by default the run takes its own, ``RUN_DIR/code``. ``after``:
+    the upstream runs ({"dir", "jobs"}) when the caller knows them before they are queued (a pipeline,
+    which passes the dependency to sbatch itself); by default those of ``cfg.after``'s jobs.tsv files."""
     run_dir = Path(run_dir).resolve()
     absolute_path_variables(list(cfg.path_variables))
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)  # sbatch --output does not create directories
     python = sys.executable
-    after = upstream(list(cfg.get("after") or []))
+    after = after if after is not None else upstream(list(cfg.get("after") or []))
     roots = [run["dir"] for run in after]
     verl = verl_overrides(cfg, run_dir, roots)
     launch = {
@@ -216,6 +224,9 @@ def prepare(cfg: DictConfig, run_dir: Path, overrides: list[str], code: Path | N
     }
     launch["verl"] = absolute_paths(launch["verl"], roots)
     launch["after"] = after
+    # the job converts its last checkpoint to RUN_DIR/model when it ends (a pipeline stage whose model a
+    # later stage reads): opd.launch.node
+    launch["export_model"] = bool(cfg.get("export_model", False))
     code = snapshot.take(Path(code) if code else run_dir / snapshot.DIRECTORY).resolve()
     snapshot.link(run_dir, code)
     launch.update(

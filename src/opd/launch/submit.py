@@ -24,7 +24,13 @@ from opd.launch.sweep import hydra_arguments
 
 
 def sbatch(script: Path) -> str:
-    result = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    return sbatch_command(script)
+
+
+def sbatch_command(script: Path, options: list[str] = ()) -> str:
+    """``sbatch --parsable [options] script``; the job id. Command-line options win over the script's
+    ``#SBATCH`` lines (a pipeline's dependencies, which a rerun of the same script must not inherit)."""
+    result = subprocess.run(["sbatch", "--parsable", *options, str(script)], capture_output=True, text=True)
     if result.returncode != 0:
         raise SubmissionError(f"sbatch {script} failed: {result.stderr.strip()}")
     return result.stdout.strip().split(";")[0]
