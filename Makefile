@@ -14,7 +14,7 @@ GPU_MARKER := $(VENV)/.opd-gpu-env
 PYTEST_ARGS ?=
 
 .PHONY: help setup test test-fast test-e2e lint format tiny tiny-agent tiny-data data demo demo-agent bench-loss bench-step bench-tip plot-tokens repro-tip plot-paced repro-paced convert \
-	slurm-up slurm-down sweep-opd sweep-grpo sweep-agent submit status report cancel \
+	slurm-up slurm-down sweep-opd sweep-grpo sweep-agent submit pipeline reproduce-s2d status report cancel \
 	container-build container-build-cpu container-test-cpu container-lock container-push container-pull \
 	container-sif container-verify clean
 
@@ -155,6 +155,15 @@ sweep-agent: setup ## agent OPD sweep (DeepPlanning travel tools; DATABASE_DIR):
 submit: setup ## one run with plain sbatch (RUN_DIR/rerun.sbatch): make submit EXP=opd [ARGS=...] [AFTER=dir,...: start after those runs succeed]
 	@test -n "$(EXP)" || { echo "usage: make submit EXP=<configs/experiment name> [ARGS='overrides']" >&2; exit 2; }
 	$(PY) -m opd.launch.submit experiment=$(EXP) $(if $(AFTER),'after=[$(AFTER)]') $(ARGS)
+
+# PIPELINE: configs/pipeline/<PIPELINE>.yaml; ARGS: size=tiny, key=value (every stage), STAGE:key=value;
+# LOCAL=1: the stages run here one after another, no SLURM; RESUME=dir: rerun the first unfinished stage, then the rest.
+pipeline: setup ## a chain of stages, one job each after the stages it reads: make pipeline PIPELINE=s2d [ARGS=...] [LOCAL=1] | RESUME=dir
+	@test -n "$(PIPELINE)$(RESUME)" || { echo "usage: make pipeline PIPELINE=<configs/pipeline name> [ARGS=...] [LOCAL=1], or RESUME=<pipeline dir>" >&2; exit 2; }
+	$(if $(RESUME),$(PY) -m opd.launch.pipeline resume $(RESUME),$(PY) -m opd.launch.pipeline submit $(PIPELINE) $(ARGS)) $(if $(LOCAL),--local)
+
+reproduce-s2d: setup ## sparse-to-dense on the tiny task: s2d, its two ablations and direct GRPO, then the report (~25 min here; SLURM=1: as chains on SLURM)
+	$(PY) -m opd.launch.pipeline reproduce $(if $(SLURM),--slurm) $(ARGS)
 
 status: setup ## job states of a sweep or run from sacct: make status SWEEP=<dir printed by sweep-*/submit>
 	@test -n "$(SWEEP)" || { echo "usage: make status SWEEP=<sweep or run directory>" >&2; exit 2; }
