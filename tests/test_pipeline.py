@@ -151,3 +151,16 @@ def test_reading_an_output_the_stage_does_not_produce_is_refused(tiny_env, tmp_p
     assert "reads {rollouts.model}, but stage 'rollouts'" in result.stderr
     assert "produces only ['rollouts', 'run']" in result.stderr
     assert not root.exists()
+
+
+def test_the_pipeline_module_imports_neither_torch_nor_verl():
+    """Login nodes often have neither: loading, ordering and the stage state read only files."""
+    code = (
+        "import sys; from pathlib import Path; from opd.launch import pipeline; "
+        "pipeline.stages_in_order(pipeline.load('s2d')); pipeline.output_path(Path('/x'), 'model'); "
+        "pipeline.stage_done({'dir': '/nonexistent'}); "
+        "print(sorted(m for m in ('torch', 'verl') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

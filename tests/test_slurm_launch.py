@@ -722,3 +722,98 @@ def _tail(run_dir: Path, job: str) -> str:
         (run_dir / "logs").glob(f"{job}.*/driver.log")
     )
     return "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
+
+
+# --- pipelines ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(1800)
+def test_tiny_s2d_runs_as_a_chain_in_order_and_a_failed_stage_rerun_continues_it(
+    slurm_env, tiny_math_data, tmp_path
+):
+    """``make pipeline PIPELINE=s2d`` (tiny): teacher GRPO (+ conversion), teacher rollouts, forward-KL warm-up
+    on them, OPD, evaluation, one job each. The rollouts stage's prompts vanish after submission, so it fails
+    and the stages after it are cancelled unstarted; ``make pipeline RESUME=dir`` reruns it and the rest."""
+    from transformers import AutoTokenizer
+
+    from opd.distill import stored
+
+    prompts = tmp_path / "prompts.parquet"
+    prompts.write_bytes((tiny_math_data / "grpo_processed" / "train.parquet").read_bytes())
+    quick = ["verl.actor_rollout_ref.rollout.val_kwargs.n=2"]
+    quick += [f"{stage}:verl.trainer.val_before_train=false" for stage in ("teacher_rl", "warmup", "opd")]
+    args = ["size=tiny", "cluster=ci", *quick, f"teacher_rollouts:verl.data.val_files=[{prompts}]"]
+    result = make("pipeline", slurm_env, "PIPELINE=s2d", f"ARGS={' '.join(args)}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    prompts.rename(tmp_path / "away.parquet")  # before the rollouts stage starts: teacher_rl takes a minute
+    root = Path(re.search(r"^directory: (\S+)", result.stdout, flags=re.M).group(1))
+    first = {stage: job for job, stage in re.findall(r"^  job (\S+)  (\S+)", result.stdout, flags=re.M)}
+    assert list(first) == ["teacher_rl", "teacher_rollouts", "warmup", "opd", "eval"]
+    dirs = {stage: root / f"{i:02d}_{stage}" for i, stage in enumerate(first, 1)}
+    states = wait_terminal(list(first.values()))
+    assert states[first["teacher_rl"]]["state"] == "COMPLETED", _tail(dirs["teacher_rl"], first["teacher_rl"])
+    assert states[first["teacher_rollouts"]]["state"] == "FAILED", states
+    for stage in ("warmup", "opd", "eval"):
+        assert states[first[stage]]["state"] == "CANCELLED", (stage, states)
+        assert not list(dirs[stage].glob("logs/*/driver.log"))  # never started
+    (tmp_path / "away.parquet").rename(prompts)
+
+    result = make("pipeline", slurm_env, f"RESUME={root}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "at stage teacher_rollouts" in result.stdout
+    second = {stage: job for job, stage in re.findall(r"^  job (\S+)  (\S+)", result.stdout, flags=re.M)}
+    assert list(second) == ["teacher_rollouts", "warmup", "opd", "eval"]  # the finished stage is not rerun
+    states = wait_terminal(list(second.values()))
+    for stage, job in second.items():
+        assert states[job]["state"] == "COMPLETED", (stage, states[job], _tail(dirs[stage], job))
+
+    def span(job):
+        out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "Start,End"], env=slurm_env,
+                             capture_output=True, text=True).stdout  # fmt: skip
+        return out.strip().split("|")
+
+    chain = [first["teacher_rl"], *second.values()]
+    for before, after in zip(chain, chain[1:], strict=False):
+        assert span(before)[1] <= span(after)[0], (before, after)  # each stage after the one it reads
+
+    # the teacher's rollouts: exact token ids (they decode to the generations the stage scored), scores
+    rollouts = pd_read(dirs["teacher_rollouts"] / stored.ROLLOUTS_FILE)
+    generations = [json.loads(line) for line in (dirs["teacher_rollouts"] / "generations.jsonl").open()]
+    assert len(rollouts) == len(generations) == 32 * 2  # val_max_samples prompts x val_kwargs.n
+    tokenizer = AutoTokenizer.from_pretrained(dirs["teacher_rl"] / "model")
+    for row, generation in zip(rollouts.to_dict("records"), generations, strict=True):
+        assert tokenizer.decode(row[stored.RESPONSE_IDS], skip_special_tokens=True) == generation["output"]
+        assert row[stored.SCORE] == generation["score"]
+    # the warm-up trained on them without generating, validated by generating, and handed its model on
+    warmup = train_metrics(dirs["warmup"])
+    assert sorted(warmup) == [1, 2] and all("opd/divergence/forward_kl" in m for m in warmup.values())
+    assert all(m["timing_s/gen"] < 0.5 for m in warmup.values())  # no rollout engine call for training rows
+    validated = [json.loads(line)["data"] for line in (dirs["warmup"] / "metrics.jsonl").open()]
+    assert any(key.startswith("val-core/") for data in validated for key in data)
+    opd_config = yaml.safe_load((dirs["opd"] / "config.yaml").read_text())
+    assert opd_config["actor_rollout_ref"]["model"]["path"] == str(dirs["warmup"] / "model")
+    assert opd_config["opd"]["teacher_path"] == str(dirs["teacher_rl"] / "model")
+    for stage in ("teacher_rl", "warmup", "opd"):
+        marker = json.loads((dirs[stage] / "model" / "opd_conversion.json").read_text())
+        assert marker["verified"] and marker["source"].startswith(str(dirs[stage]))
+    results = json.loads((dirs["eval"] / "eval_results.json").read_text())
+    assert results["settings"]["model"] == str(dirs["opd"] / "model")
+    # make report on the pipeline: one row per stage, in order, every one done
+    result = make("report", slurm_env, f"SWEEP={root}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    with open(root / "report" / "report.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["overrides"].split() for row in rows] == [
+        [f"experiment=tiny_{experiment}", f"stage={stage}"]
+        for stage, experiment in zip(
+            first, ["grpo", "teacher_rollouts", "opd_warmup", "opd", "eval"], strict=True
+        )
+    ]
+    assert [row["status"] for row in rows] == ["done"] * 5
+    assert [row["job"] for row in rows] == chain
+
+
+def pd_read(path: Path):
+    import pandas as pd
+
+    return pd.read_parquet(path)

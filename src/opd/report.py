@@ -31,7 +31,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-JOBS_FILE = "jobs.tsv"  # opd.launch.JOBS_FILE, repeated so the report imports nothing of the launch layer
+from opd.launch import JOBS_FILE  # opd.launch itself imports only pathlib
+
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval_results.json"
 RUN_MARKERS = (METRICS_FILE, EVAL_FILE, "config.yaml")
