@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 	container-sif container-verify clean
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-19s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-19s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	@if [ -f $(GPU_MARKER) ]; then echo "$(VENV) holds the GPU stack (make setup ENV=gpu): left as it is"; else \
@@ -162,7 +162,7 @@ pipeline: setup ## a chain of stages, one job each after the stages it reads: ma
 	@test -n "$(PIPELINE)$(RESUME)" || { echo "usage: make pipeline PIPELINE=<configs/pipeline name> [ARGS=...] [LOCAL=1], or RESUME=<pipeline dir>" >&2; exit 2; }
 	$(if $(RESUME),$(PY) -m opd.launch.pipeline resume $(RESUME),$(PY) -m opd.launch.pipeline submit $(PIPELINE) $(ARGS)) $(if $(LOCAL),--local)
 
-reproduce-s2d: setup ## sparse-to-dense on the tiny task: s2d, its two ablations and direct GRPO, then the report (~25 min here; SLURM=1: as chains on SLURM)
+reproduce-s2d: setup ## sparse-to-dense on the tiny task: s2d, its two ablations and direct GRPO, then the report (~32 min here; SLURM=1: as chains on SLURM)
 	$(PY) -m opd.launch.pipeline reproduce $(if $(SLURM),--slurm) $(ARGS)
 
 status: setup ## job states of a sweep or run from sacct: make status SWEEP=<dir printed by sweep-*/submit>
