@@ -229,7 +229,9 @@ def test_select_tokens_mask_gives_the_gradient_of_the_masked_loss(setup):
     assert relative_error(worker_grad, masked_grad) < 1e-4
     assert metrics["opd/divergence"] == pytest.approx(mean_div, rel=1e-4)  # the divergence of every token
     full_grad, _ = reference_gradient(student, micro, signals, "reverse_kl")
-    assert relative_error(worker_grad, full_grad) > 1e-2  # the mask matters: not the unmasked gradient
+    # the mask matters: the unmasked gradient is far further off than the masked one. A ratio, not a fixed
+    # size: how much the dropped (low-divergence) tokens weigh depends on the tiny models (0.04% in one build)
+    assert relative_error(worker_grad, full_grad) > 30 * relative_error(worker_grad, masked_grad)
 
 
 class ForwardKLWorker(OPDActorRolloutRefWorker):
